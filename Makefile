@@ -1,0 +1,42 @@
+# Everything a fresh Debian machine (as root) needs to run the demo and the tests.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := python3 python3-venv containerd docker-registry skopeo systemd-container debootstrap iproute2 util-linux
+APT_STAMP := $(VENV)/.apt-stamp
+VENV_STAMP := $(VENV)/.venv-stamp
+
+.PHONY: demo test lint unit bench clean
+
+$(APT_STAMP):
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(VENV_STAMP): pyproject.toml | $(APT_STAMP)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+demo: $(VENV_STAMP) $(APT_STAMP)
+	$(BIN)/python scripts/demo.py
+
+lint: $(VENV_STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/mypy
+
+test: $(VENV_STAMP) $(APT_STAMP) lint
+	$(BIN)/pytest -q
+
+bench: $(VENV_STAMP) $(APT_STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

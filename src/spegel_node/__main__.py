@@ -1,0 +1,3 @@
+from spegel_node.cli import main
+
+raise SystemExit(main())

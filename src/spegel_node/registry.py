@@ -1,0 +1,108 @@
+"""Registry and mirror URLs: strict parsing, and the hosts-dir names containerd looks up."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from spegel_node.errors import BadInput
+
+DEFAULT_DIR = "_default"
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_UPSTREAM = "https://registry-1.docker.io"
+
+# A DNS name or IPv4 literal: letters, digits, '-', '.', each label starting with an alphanumeric.
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*$")
+
+
+@dataclass(frozen=True, order=True)
+class Registry:
+    """An upstream registry, e.g. `https://ghcr.io` or `http://127.0.0.1:5000`."""
+
+    scheme: str
+    host: str  # `host` or `host:port`; IPv6 literals keep their brackets: `[::1]:5000`
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def dir_names(self) -> tuple[str, ...]:
+        """Directory names containerd tries, in order, before `_default` (HostDirFromRoot)."""
+        head, sep, port = self.host.rpartition(":")
+        if sep and port.isdigit() and not self.host.endswith("]"):
+            return (f"{head}_{port}_", self.host)
+        return (self.host,)
+
+    @property
+    def upstream(self) -> str:
+        """The `server` a file for this registry names (docker.io is served by registry-1)."""
+        return DOCKER_HUB_UPSTREAM if self.host == DOCKER_HUB else self.url
+
+
+def _bad(kind: str, value: object, why: str) -> BadInput:
+    return BadInput(f"invalid {kind} {value!r}: {why}")
+
+
+def _check_host(kind: str, raw: str, host: str, port: int | None) -> str:
+    if host.startswith("[") or ":" in host:
+        try:
+            ipaddress.IPv6Address(host.strip("[]"))
+        except ValueError as e:
+            raise _bad(kind, raw, "not a valid IPv6 address") from e
+        host = f"[{host.strip('[]')}]"
+    elif not _HOSTNAME.match(host):
+        raise _bad(kind, raw, "host must be a DNS name or IP address")
+    return f"{host}:{port}" if port is not None else host
+
+
+def parse_url(raw: object, kind: str = "registry") -> tuple[str, str]:
+    """Split `http(s)://host[:port]` into (scheme, host[:port]); anything else is BadInput."""
+    if not isinstance(raw, str):
+        raise _bad(kind, raw, "must be a string")
+    if any(ch in raw for ch in ("\x00", "\\", " ", "\t", "\n", "\r")):
+        raise _bad(kind, raw, "contains a NUL, backslash or whitespace")
+    if "://" not in raw:
+        raise _bad(kind, raw, "needs a scheme, e.g. https://" + raw.lstrip("/"))
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https"):
+        raise _bad(kind, raw, "scheme must be http or https")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise _bad(kind, raw, "must not carry user info")
+    if parts.path not in ("", "/"):
+        raise _bad(kind, raw, "must not have a path")
+    if parts.query or parts.fragment or raw.endswith(("?", "#")):
+        raise _bad(kind, raw, "must not have a query or fragment")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise _bad(kind, raw, "port must be a number from 1 to 65535") from e
+    if port == 0:
+        raise _bad(kind, raw, "port must be a number from 1 to 65535")
+    host = parts.hostname or ""
+    if not host or host.startswith(".") or ".." in host:
+        raise _bad(kind, raw, "host must not be empty, start with '.' or contain '..'")
+    netloc_host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
+    if netloc_host.startswith("["):
+        host = netloc_host
+    return parts.scheme, _check_host(kind, raw, host, port)
+
+
+def parse_registry(raw: object) -> Registry:
+    scheme, host = parse_url(raw, "registry")
+    return Registry(scheme=scheme, host=host.lower())
+
+
+def parse_mirror_url(raw: object) -> str:
+    scheme, host = parse_url(raw, "mirror URL")
+    return f"{scheme}://{host}"
+
+
+def registry_for_host(host: str) -> Registry:
+    """The registry a hosts dir entry names (`ghcr.io`, `host:port`, `host_port_`)."""
+    m = re.fullmatch(r"(.+)_(\d+)_", host)
+    if m:
+        host = f"{m.group(1)}:{m.group(2)}"
+    return Registry(scheme="https", host=host)
