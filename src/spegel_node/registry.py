@@ -66,7 +66,10 @@ def parse_url(raw: object, kind: str = "registry") -> tuple[str, str]:
         raise _bad(kind, raw, "contains a NUL, backslash or whitespace")
     if "://" not in raw:
         raise _bad(kind, raw, "needs a scheme, e.g. https://" + raw.lstrip("/"))
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError as e:
+        raise _bad(kind, raw, str(e)) from e
     if parts.scheme not in ("http", "https"):
         raise _bad(kind, raw, "scheme must be http or https")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:

@@ -1,0 +1,188 @@
+"""Apply and remove: the only code that writes to the node.
+
+detect -> settings -> snapshot -> plan (pure) -> write under the lock -> outcome for the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from spegel_node import fsutil, gate, hostsdir, state
+from spegel_node.errors import Refused
+from spegel_node.hoststoml import MirrorHost
+from spegel_node.instructions import distro_owned_message
+from spegel_node.layout import Layout
+from spegel_node.node import Node
+from spegel_node.plan import HOSTS_TOML, Plan, plan_apply, plan_remove
+from spegel_node.settings import Settings, resolve_node_ip
+from spegel_node.state import GateState, Record
+
+FALLBACK_HOSTS_DIR = "/etc/containerd/certs.d"  # containerd 2.2's default config_path entry
+
+
+@dataclass(frozen=True)
+class Outcome:
+    command: str  # "apply" or "remove"
+    plan: Plan
+    dry_run: bool
+    mirror_urls: tuple[str, ...]
+    gate: GateState | None = None
+    probe: gate.ProbeResult | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.plan.problems else 0
+
+
+def hosts_dir_of(layout: Layout) -> str:
+    return layout.hosts_dir or FALLBACK_HOSTS_DIR
+
+
+def mirror_hosts(settings: Settings) -> list[MirrorHost]:
+    node_ip = resolve_node_ip(settings)
+    return [
+        MirrorHost(url, settings.capabilities, settings.dial_timeout)
+        for url in settings.mirror_urls(node_ip)
+    ]
+
+
+def _layout_warnings(layout: Layout, hosts_dir: str) -> tuple[str, ...]:
+    if layout.config_path_set:
+        return ()
+    return (
+        f"containerd on this node does not set config_path, so it will not read {hosts_dir} "
+        "until it does; run `spegel-node doctor` for the exact setting",
+    )
+
+
+@contextlib.contextmanager
+def _locked(node: Node, dry_run: bool) -> Iterator[None]:
+    if dry_run:  # a dry run writes nothing, not even the lock file
+        yield
+        return
+    try:
+        lock = state.lock_path(node)
+    except OSError as e:
+        raise fsutil.refuse_os_error(e, f"create state dir {state.STATE_DIR}") from e
+    with fsutil.exclusive_lock(lock):
+        yield
+
+
+def _check_record_dir(record: Record, hosts_dir: str) -> None:
+    if record.files and record.hosts_dir and record.hosts_dir != hosts_dir:
+        raise Refused(
+            f"the last apply wrote under {record.hosts_dir}, but the hosts dir is now {hosts_dir}; "
+            f"run `spegel-node remove --hosts-dir {record.hosts_dir}` first"
+        )
+
+
+def _gate_step(
+    record: Record, settings: Settings, mirror_url: str, use_gate: bool, dry_run: bool
+) -> tuple[GateState, gate.ProbeResult | None]:
+    if not use_gate:
+        return replace(record.gate, withdrawn=False, consecutive_failures=0), None
+    probe = gate.probe_v2(mirror_url)
+    after = gate.next_gate_state(record.gate, probe, settings.gate_failures)
+    if not dry_run:
+        gate.log_transition(record.gate, after, mirror_url)
+    return after, probe
+
+
+def _worth_saving(old: Record, new: Record) -> bool:
+    """Skip rewriting the record when only the probe time moved (the timer runs every minute)."""
+    return replace(old, gate=replace(old.gate, last_probe_at=None)) != replace(
+        new, gate=replace(new.gate, last_probe_at=None)
+    )
+
+
+def apply_mirrors(
+    node: Node, layout: Layout, settings: Settings, *, dry_run: bool = False, use_gate: bool = True
+) -> Outcome:
+    mirrors = mirror_hosts(settings)
+    urls = tuple(m.url for m in mirrors)
+    if layout.distro_owned:
+        raise Refused(distro_owned_message(layout.flavor, settings.registries, urls))
+    hosts_dir = hosts_dir_of(layout)
+    with _locked(node, dry_run):
+        record = state.load_record(node)
+        _check_record_dir(record, hosts_dir)
+        gate_state, probe = _gate_step(record, settings, urls[0], use_gate, dry_run)
+        snapshot = hostsdir.scan(node.path(hosts_dir), hosts_dir)
+        plan = plan_apply(
+            snapshot, settings.registries, mirrors, record, advertise=not gate_state.withdrawn
+        )
+        new_record = replace(plan.record or Record(), gate=gate_state)
+        plan = replace(plan, record=new_record)
+        if not dry_run:
+            if _worth_saving(record, new_record):
+                _save(node, new_record)
+            execute(node, plan)
+    return Outcome(
+        "apply", plan, dry_run, urls, gate_state, probe, _layout_warnings(layout, hosts_dir)
+    )
+
+
+def remove_mirrors(
+    node: Node, layout: Layout, settings: Settings, *, dry_run: bool = False
+) -> Outcome:
+    with _locked(node, dry_run):
+        record = state.load_record(node)
+        hosts_dir = record.hosts_dir or hosts_dir_of(layout)
+        snapshot = hostsdir.scan(node.path(hosts_dir), hosts_dir)
+        plan = plan_remove(snapshot, record)
+        if not dry_run:
+            execute(node, plan)
+            if plan.record is None:
+                with contextlib.suppress(FileNotFoundError):
+                    state.delete_record(node)
+            else:
+                _save(node, plan.record)
+    return Outcome("remove", plan, dry_run, record.mirror_urls)
+
+
+def _save(node: Node, record: Record) -> None:
+    try:
+        state.save_record(node, record)
+    except OSError as e:
+        raise fsutil.refuse_os_error(e, f"write the state under {state.STATE_DIR}") from e
+
+
+def _ensure_hosts_dir(path: Path, display: str) -> None:
+    try:
+        path.mkdir(mode=fsutil.DIR_MODE, parents=True, exist_ok=True)
+    except OSError as e:
+        raise fsutil.refuse_os_error(e, f"create hosts dir {display}") from e
+
+
+def execute(node: Node, plan: Plan) -> None:
+    """Carry out the plan's file changes: atomic writes, no symlinks followed below the hosts dir."""
+    if not plan.changes:
+        return
+    hosts_path = node.path(plan.hosts_dir)
+    _ensure_hosts_dir(hosts_path, plan.hosts_dir)
+    with fsutil.open_dir(hosts_path) as hosts_fd:
+        for change in plan.changes:
+            where = f"{plan.hosts_dir}/{change.key}"
+            try:
+                if change.create_dir:
+                    with contextlib.suppress(FileExistsError):
+                        fsutil.mkdir_at(hosts_fd, change.dir_name)
+                with fsutil.open_subdir(hosts_fd, change.dir_name) as dir_fd:
+                    fsutil.remove_stale_temp_files(dir_fd)
+                    if change.after is None:
+                        fsutil.unlink_at(dir_fd, HOSTS_TOML)
+                    else:
+                        fsutil.write_atomic_at(dir_fd, HOSTS_TOML, change.after)
+                if change.remove_dir:
+                    fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise Refused(
+                        f"cannot write {where}: the directory vanished; run apply again"
+                    ) from e
+                raise fsutil.refuse_os_error(e, f"write {where}") from e

@@ -1,0 +1,294 @@
+"""The `spegel-node` command line: thin wrappers that run the flow and return an exit code."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from spegel_node import __version__
+from spegel_node.errors import BadInput, SpegelNodeError
+from spegel_node.node import Node
+
+app = typer.Typer(
+    name="spegel-node",
+    help=(
+        "Keep containerd on this node configured to pull through Spegel, and say when it is not.\n\n"
+        "Examples:\n\n"
+        "  spegel-node detect\n\n"
+        "  spegel-node apply --dry-run\n\n"
+        "  spegel-node doctor --image ghcr.io/spegel-org/spegel:v0.7.4\n\n"
+        "  spegel-node --root /host validate"
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+RootOpt = Annotated[
+    Path, typer.Option("--root", help="The node's filesystem root (e.g. /host in a pod).")
+]
+OutputOpt = Annotated[
+    OutputFormat, typer.Option("--output", "-o", help="text (table or plain lines) or json.")
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Config file, read as given [default: /etc/spegel-node/config.toml under --root].",
+    ),
+]
+HostsDirOpt = Annotated[
+    str | None, typer.Option("--hosts-dir", help="Override the hosts (certs.d) dir, a node path.")
+]
+SocketOpt = Annotated[
+    str | None,
+    typer.Option("--containerd-socket", help="Override containerd's socket, a node path."),
+]
+CtrConfigOpt = Annotated[
+    str | None,
+    typer.Option("--containerd-config", help="Override containerd's config file, a node path."),
+]
+
+
+@dataclass(frozen=True)
+class Common:
+    root: Path
+    output: str
+    config: Path | None
+    overrides: dict[str, str | None]
+
+    @property
+    def node(self) -> Node:
+        return Node(self.root)
+
+
+def _common(
+    root: Path,
+    output: OutputFormat,
+    config: Path | None,
+    hosts_dir: str | None,
+    socket: str | None,
+    ctr: str | None,
+) -> Common:
+    if not root.is_dir():
+        raise BadInput(f"--root {root} is not a directory")
+    overrides = {"hosts_dir": hosts_dir, "containerd_socket": socket, "containerd_config": ctr}
+    return Common(root, output.value, config, overrides)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"spegel-node {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """spegel-node"""
+
+
+def _settings_and_layout(common: Common):  # type: ignore[no-untyped-def]
+    from spegel_node.layout import detect
+    from spegel_node.settings import load_settings
+
+    settings = load_settings(common.node, common.config, common.overrides)
+    layout = detect(
+        common.node,
+        hosts_dir=settings.hosts_dir,
+        containerd_socket=settings.containerd_socket,
+        containerd_config=settings.containerd_config,
+    )
+    return settings, layout
+
+
+@app.command()
+def detect(
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Identify the node's flavor (k3s, rke2, talos, k0s, microk8s, kind, eks, bottlerocket,
+    containerd) and its containerd layout. Exit 1 when no containerd layout is found.
+
+    Example: spegel-node detect --output json
+    """
+    from spegel_node.report import layout_report
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    _, layout = _settings_and_layout(common)
+    layout_report(layout, common.output)
+    return 0
+
+
+@app.command()
+def apply(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and a diff; write nothing.")
+    ] = False,
+    no_gate: Annotated[
+        bool, typer.Option("--no-gate", help="Advertise the mirror without probing /v2/.")
+    ] = False,
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Make every mirrored registry's hosts.toml list the Spegel mirror(s) first.
+
+    Existing files are merged (everything else kept); new files start with '# managed by
+    spegel-node'. While the mirror's /v2/ does not answer (gate_failures probes in a row) the
+    Spegel host tables are withdrawn. Exit 1 when refused (read-only or distro-owned dir).
+
+    Examples: spegel-node apply --dry-run ; spegel-node apply --hosts-dir /etc/containerd/certs.d
+    """
+    from spegel_node.apply import apply_mirrors
+    from spegel_node.report import outcome_report
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    settings, layout = _settings_and_layout(common)
+    outcome = apply_mirrors(common.node, layout, settings, dry_run=dry_run, use_gate=not no_gate)
+    outcome_report(outcome, common.output)
+    return outcome.exit_code
+
+
+@app.command()
+def remove(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and a diff; write nothing.")
+    ] = False,
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Undo apply: restore files it changed byte-for-byte (or, if the distro rewrote them since,
+    strip only the Spegel host tables) and delete files and dirs it created.
+
+    Example: spegel-node remove --dry-run
+    """
+    from spegel_node.apply import remove_mirrors
+    from spegel_node.report import outcome_report
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    settings, layout = _settings_and_layout(common)
+    outcome = remove_mirrors(common.node, layout, settings, dry_run=dry_run)
+    outcome_report(outcome, common.output)
+    return outcome.exit_code
+
+
+@app.command()
+def validate(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="hosts.toml files or hosts dirs (node paths under --root)."),
+    ] = None,
+    containerd_version: Annotated[
+        str | None,
+        typer.Option(
+            "--containerd-version", help="Judge with this containerd's rules, e.g. 1.7.20."
+        ),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors.")] = False,
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Check hosts.toml files against containerd's parser rules (containerd drops a bad file
+    silently and pulls upstream). Default: the node's hosts dir. Exit 1 on errors.
+
+    Examples: spegel-node validate ; spegel-node validate ./certs.d --containerd-version 1.7.20 --strict
+    """
+    from spegel_node.report import findings_report
+    from spegel_node.validate_paths import validate_targets
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    version = None
+    if containerd_version:
+        from spegel_node.validate import parse_containerd_version
+
+        version = parse_containerd_version(containerd_version)
+    if paths:
+        targets = [str(p) for p in paths]
+    else:
+        _, layout = _settings_and_layout(common)
+        from spegel_node.apply import hosts_dir_of
+
+        targets = [hosts_dir_of(layout)]
+    findings, files = validate_targets(common.node, targets, version)
+    findings_report(findings, files, common.output, strict)
+    failing = [f for f in findings if f.severity == "error" or strict]
+    return 1 if failing else 0
+
+
+@app.command("helm-values")
+def helm_values_command(
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Print the Spegel Helm chart values that match this node (YAML; JSON with --output json).
+
+    Example: spegel-node helm-values > spegel-values.yaml
+    """
+    from spegel_node.helm_values import helm_values, to_yaml
+    from spegel_node.output import print_json
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    settings, layout = _settings_and_layout(common)
+    values = helm_values(layout, settings)
+    if common.output == "json":
+        print_json(values)
+    else:
+        sys.stdout.write(to_yaml(values))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; expected failures become one line on stderr and their exit code."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="spegel-node", standalone_mode=False)
+    except SpegelNodeError as e:
+        print(f"spegel-node: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except typer.Abort:
+        print("spegel-node: aborted", file=sys.stderr)
+        return 130
+    except typer.TyperException as e:  # usage errors: bad option, missing argument, bad value
+        print(f"spegel-node: error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    return result if isinstance(result, int) else 0

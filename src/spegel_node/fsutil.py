@@ -1,0 +1,158 @@
+"""Careful file I/O for a root agent: atomic replace, an exclusive lock, and no symlink following.
+
+Everything below a hosts dir is opened relative to a directory file descriptor with O_NOFOLLOW,
+so a registry dir or hosts.toml that is a symlink can never redirect a write out of the hosts dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from spegel_node.errors import Refused
+
+TMP_PREFIX = ".spegel-node-tmp-"
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def refuse_os_error(err: OSError, what: str) -> Refused:
+    """A one-line, operator-facing message for a failed filesystem operation."""
+    reason = {
+        errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on device",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ELOOP: "is a symlink (refusing to follow it)",
+        errno.ENOTDIR: "is not a directory",
+        errno.EISDIR: "is a directory",
+    }.get(err.errno or 0, err.strerror or str(err))
+    return Refused(f"cannot {what}: {reason}")
+
+
+@contextlib.contextmanager
+def open_dir(path: Path) -> Iterator[int]:
+    """A file descriptor for an existing directory (the path itself may be a symlink, e.g. /etc/x -> /y)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_subdir(parent_fd: int, name: str) -> Iterator[int]:
+    """Open `name` under `parent_fd` as a directory, never through a symlink (ELOOP/ENOTDIR)."""
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def read_at(dir_fd: int, name: str, limit: int = 4 << 20) -> bytes | None:
+    """Contents of a regular file `name` under `dir_fd`, None when absent; a symlink raises ELOOP."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EISDIR, "not a regular file", name)
+        return f.read(limit + 1)
+
+
+def mkdir_at(parent_fd: int, name: str) -> None:
+    os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
+    with open_subdir(parent_fd, name) as fd:
+        os.fchmod(fd, DIR_MODE)  # whatever the umask
+    os.fsync(parent_fd)
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace `name` under `dir_fd` with `data`: temp file in the same dir, fsync, rename, fsync dir.
+
+    Readers see the old or the new contents, never a torn file; on any error the temp file is removed.
+    """
+    tmp = f"{TMP_PREFIX}{name}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode,
+        dir_fd=dir_fd,
+    )
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
+def unlink_at(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+def rmdir_if_empty_at(parent_fd: int, name: str) -> bool:
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            return False
+        raise
+    os.fsync(parent_fd)
+    return True
+
+
+def remove_stale_temp_files(dir_fd: int) -> None:
+    """Temp files left by a process killed mid-write (their pid no longer runs)."""
+    for entry in os.listdir(dir_fd):
+        if entry.startswith(TMP_PREFIX):
+            pid = entry.rsplit(".", 1)[-1]
+            if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
+                with contextlib.suppress(OSError):
+                    os.unlink(entry, dir_fd=dir_fd)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create a root-only directory (0700) with its parents, e.g. the state dir."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.is_symlink():
+        raise Refused(f"cannot use {path}: it is a symlink")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created 0600); a second apply waits for the first."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,43 @@
+"""The Spegel Helm chart values that match this node (chart v0.7.x keys)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from spegel_node.layout import Layout
+from spegel_node.settings import Settings
+
+
+def helm_values(layout: Layout, settings: Settings) -> dict[str, Any]:
+    spegel: dict[str, Any] = {
+        "containerdSock": layout.containerd_socket,
+        "containerdRegistryConfigPath": layout.hosts_dir or "/etc/containerd/certs.d",
+        "containerdContentPath": layout.content_dir,
+        # spegel-node owns the hosts dir: Spegel's init container must not wipe it into _backup/
+        "containerdMirrorAdd": False,
+        "mirroredRegistries": [r.url for r in settings.registries],
+        "resolveTags": settings.resolve_tags,
+    }
+    if settings.extra_mirrors:
+        spegel["additionalMirrorTargets"] = list(settings.extra_mirrors)
+    return {"spegel": spegel, "service": {"registry": {"hostPort": settings.host_port}}}
+
+
+def to_yaml(data: Any, indent: int = 0) -> str:
+    """Block YAML for nested mappings of scalars and lists (scalars JSON-quoted, which YAML reads)."""
+    pad = "  " * indent
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:")
+            lines.append(to_yaml(value, indent + 1).rstrip("\n"))
+        elif isinstance(value, list):
+            if not value:
+                lines.append(f"{pad}{key}: []")
+            else:
+                lines.append(f"{pad}{key}:")
+                lines += [f"{pad}  - {json.dumps(item)}" for item in value]
+        else:
+            lines.append(f"{pad}{key}: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,215 @@
+"""Pure planning: from what the hosts dir holds and what the settings want, the changes to make.
+
+Nothing here reads or writes the node; `hostsdir.scan` takes the snapshot, `apply.execute` writes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from spegel_node import hoststoml
+from spegel_node.hoststoml import HostsTomlError, MirrorHost
+from spegel_node.redact import redact_hosts_toml
+from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
+from spegel_node.state import FileRecord, Record, digest
+
+HOSTS_TOML = "hosts.toml"
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One entry of the hosts dir as found on disk."""
+
+    name: str
+    kind: str  # "dir", "symlink", "file", "other"
+    hosts_toml_kind: str = "missing"  # "file", "symlink", "dir", "other", "missing"
+    hosts_toml: bytes | None = None
+
+
+@dataclass(frozen=True)
+class HostsSnapshot:
+    hosts_dir: str  # node path
+    exists: bool
+    entries: dict[str, DirEntry] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Target:
+    dir_name: str
+    server: str | None  # None for _default
+
+
+@dataclass(frozen=True)
+class FileChange:
+    dir_name: str
+    action: str  # "create", "update", "restore", "strip", "delete"
+    before: bytes | None
+    after: bytes | None
+    create_dir: bool = False
+    remove_dir: bool = False  # remove the dir when it is empty afterwards
+
+    @property
+    def key(self) -> str:
+        return f"{self.dir_name}/{HOSTS_TOML}"
+
+    def diff(self, hosts_dir: str) -> str:
+        """A unified diff with header values redacted."""
+        path = f"{hosts_dir.rstrip('/')}/{self.key}"
+        before = redact_hosts_toml((self.before or b"").decode("utf-8", "replace"))
+        after = redact_hosts_toml((self.after or b"").decode("utf-8", "replace"))
+        lines = difflib.unified_diff(
+            before.splitlines(keepends=True),
+            after.splitlines(keepends=True),
+            fromfile="/dev/null" if self.before is None else f"a{path}",
+            tofile="/dev/null" if self.after is None else f"b{path}",
+        )
+        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+@dataclass(frozen=True)
+class Plan:
+    hosts_dir: str
+    changes: tuple[FileChange, ...]
+    record: Record | None  # the record to save after the changes; None: delete it
+    problems: tuple[str, ...] = ()  # targets skipped, each one line (exit 1)
+    notes: tuple[str, ...] = ()
+
+
+def targets(registries: Sequence[Registry], snapshot: HostsSnapshot) -> list[Target]:
+    """The registry dirs to manage: the dir containerd reads for each registry (first existing of
+    `host_port_`, `host:port`; otherwise a new `host:port`). With no registries: `_default` plus
+    every existing registry dir, since those dirs would otherwise bypass `_default`."""
+    if registries:
+        found: list[Target] = []
+        for registry in registries:
+            existing = [n for n in registry.dir_names if n in snapshot.entries]
+            found.append(
+                Target(existing[0] if existing else registry.dir_names[-1], registry.upstream)
+            )
+        return found
+    others = sorted(n for n in snapshot.entries if not n.startswith(("_", ".")))
+    return [Target(DEFAULT_DIR, None)] + [Target(n, registry_for_host(n).upstream) for n in others]
+
+
+def _unsafe(entry: DirEntry | None, hosts_dir: str) -> str | None:
+    if entry is None:
+        return None
+    path = f"{hosts_dir}/{entry.name}"
+    if entry.kind == "symlink":
+        return f"{path} is a symlink; refusing to write through it (replace it with a directory)"
+    if entry.kind != "dir":
+        return f"{path} is not a directory; move it aside"
+    if entry.hosts_toml_kind == "symlink":
+        return f"{path}/{HOSTS_TOML} is a symlink; refusing to write through it (replace it with a file)"
+    if entry.hosts_toml_kind not in ("file", "missing"):
+        return f"{path}/{HOSTS_TOML} is not a regular file; move it aside"
+    return None
+
+
+def _decode(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HostsTomlError(
+            f"{path} is not UTF-8 text (containerd ignores it); fix or remove it"
+        ) from e
+
+
+def plan_apply(
+    snapshot: HostsSnapshot,
+    registries: Sequence[Registry],
+    mirrors: Sequence[MirrorHost],
+    record: Record,
+    advertise: bool = True,
+) -> Plan:
+    """Make every target's hosts.toml list `mirrors` first (or, with advertise False, list none)."""
+    urls = tuple(m.url for m in mirrors)
+    retired = [u for u in record.mirror_urls if u not in urls]
+    files = dict(record.files)
+    changes: list[FileChange] = []
+    problems: list[str] = []
+    for target in targets(registries, snapshot):
+        entry = snapshot.entries.get(target.dir_name)
+        key = f"{target.dir_name}/{HOSTS_TOML}"
+        path = f"{snapshot.hosts_dir}/{key}"
+        if why := _unsafe(entry, snapshot.hosts_dir):
+            problems.append(why)
+            continue
+        current = entry.hosts_toml if entry else None
+        previous = record.files.get(key)
+        if current is None:
+            if not advertise:
+                continue
+            after = hoststoml.render_managed(target.server, mirrors).encode()
+            changes.append(
+                FileChange(target.dir_name, "create", None, after, create_dir=entry is None)
+            )
+            files[key] = FileRecord(
+                created=True,
+                created_dir=entry is None or (previous is not None and previous.created_dir),
+                written_sha256=digest(after),
+            )
+            continue
+        try:
+            text = _decode(current, path)
+            base = hoststoml.strip(text, retired) if retired else text
+            new = hoststoml.merge(base, mirrors) if advertise else hoststoml.strip(base, urls)
+        except HostsTomlError as e:
+            problems.append(f"{path}: {e} (containerd ignores this file; fix or remove it)")
+            continue
+        if previous is None:
+            files[key] = FileRecord.for_existing(original=current, written=new.encode())
+        else:
+            files[key] = FileRecord(
+                previous.created, previous.created_dir, digest(new.encode()), previous.original_b64
+            )
+        if new != text:
+            changes.append(FileChange(target.dir_name, "update", current, new.encode()))
+    new_record = Record(
+        hosts_dir=snapshot.hosts_dir, mirror_urls=urls, files=files, gate=record.gate
+    )
+    return Plan(snapshot.hosts_dir, tuple(changes), new_record, tuple(problems))
+
+
+def plan_remove(snapshot: HostsSnapshot, record: Record) -> Plan:
+    """Undo apply: restore originals that still hold what apply wrote, strip the Spegel host tables
+    from files rewritten since, delete files and dirs apply created."""
+    changes: list[FileChange] = []
+    problems: list[str] = []
+    kept: dict[str, FileRecord] = {}  # entries that could not be undone stay on record
+    urls = record.mirror_urls
+    for key, rec in sorted(record.files.items()):
+        dir_name = key.split("/", 1)[0]
+        entry = snapshot.entries.get(dir_name)
+        if why := _unsafe(entry, snapshot.hosts_dir):
+            problems.append(why)
+            kept[key] = rec
+            continue
+        current = entry.hosts_toml if entry else None
+        if current is None:
+            continue
+        unchanged_since_apply = digest(current) == rec.written_sha256
+        if rec.created and (
+            unchanged_since_apply or hoststoml.is_managed(current.decode("utf-8", "replace"))
+        ):
+            changes.append(
+                FileChange(dir_name, "delete", current, None, remove_dir=rec.created_dir)
+            )
+            continue
+        if not rec.created and unchanged_since_apply and rec.original is not None:
+            if rec.original != current:
+                changes.append(FileChange(dir_name, "restore", current, rec.original))
+            continue
+        try:
+            text = _decode(current, f"{snapshot.hosts_dir}/{key}")
+            stripped = hoststoml.strip(text, urls)
+        except HostsTomlError as e:
+            problems.append(f"{snapshot.hosts_dir}/{key}: {e}")
+            kept[key] = rec
+            continue
+        if stripped != text:
+            changes.append(FileChange(dir_name, "strip", current, stripped.encode()))
+    remaining = record.with_files(kept) if kept else None
+    return Plan(snapshot.hosts_dir, tuple(changes), remaining, tuple(problems))
