@@ -10,7 +10,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from support.cli import Result, run_cli, tree_state
 
 HOSTS = "/etc/containerd/certs.d"
@@ -31,8 +30,7 @@ def node(tmp_path: Path) -> Path:
     root = tmp_path / "node"
     (root / "etc/containerd").mkdir(parents=True)
     (root / "etc/containerd/config.toml").write_text(
-        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
-        f'  config_path = "{HOSTS}"\n'
+        f'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "{HOSTS}"\n'
     )
     (root / "run/containerd").mkdir(parents=True)
     (root / "run/containerd/containerd.sock").touch()
@@ -52,7 +50,9 @@ def hosts(root: Path) -> Path:
     return root / HOSTS.lstrip("/")
 
 
-def test_apply_creates_managed_files_with_spegel_first(capsys: pytest.CaptureFixture[str], node: Path) -> None:
+def test_apply_creates_managed_files_with_spegel_first(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
     result = cli(capsys, node, "apply", "--no-gate")
     assert result.code == 0, result.err
     docker = (hosts(node) / "docker.io/hosts.toml").read_text()
@@ -90,7 +90,10 @@ def test_merge_keeps_a_persons_file_and_remove_restores_it_byte_for_byte(
     assert cli(capsys, node, "apply", "--no-gate").code == 0
     merged = (ghcr / "hosts.toml").read_text()
     assert "# Our pull-through cache for ghcr" in merged
-    assert list(tomllib.loads(merged)["host"]) == ["http://10.0.0.5:29999", "https://cache.example.com"]
+    assert list(tomllib.loads(merged)["host"]) == [
+        "http://10.0.0.5:29999",
+        "https://cache.example.com",
+    ]
     assert tomllib.loads(merged)["host"]["https://cache.example.com"]["ca"] == "cache-ca.crt"
     assert (ghcr / "cache-ca.crt").read_text() == "CERT"
 
@@ -102,7 +105,9 @@ def test_merge_keeps_a_persons_file_and_remove_restores_it_byte_for_byte(
     assert not (node / "var/lib/spegel-node/state.json").exists()
 
 
-def test_remove_after_a_rewrite_only_strips_spegel(capsys: pytest.CaptureFixture[str], node: Path) -> None:
+def test_remove_after_a_rewrite_only_strips_spegel(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
     cli(capsys, node, "apply", "--no-gate")
     docker = hosts(node) / "docker.io/hosts.toml"
     rewritten = docker.read_text().replace("# managed by spegel-node\n", "# edited by hand\n")
@@ -113,14 +118,16 @@ def test_remove_after_a_rewrite_only_strips_spegel(capsys: pytest.CaptureFixture
     assert left.startswith("# edited by hand\n")
 
 
-def test_dry_run_writes_nothing_and_redacts_headers(capsys: pytest.CaptureFixture[str], node: Path) -> None:
+def test_dry_run_writes_nothing_and_redacts_headers(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
     ghcr = hosts(node) / "ghcr.io"
     ghcr.mkdir(parents=True)
     (ghcr / "hosts.toml").write_text(PERSON_FILE)
     before = tree_state(node)
     result = cli(capsys, node, "apply", "--dry-run", "--no-gate")
     assert result.code == 0
-    assert "+[host.\"http://10.0.0.5:29999\"]" in result.out
+    assert '+[host."http://10.0.0.5:29999"]' in result.out
     assert "would create /etc/containerd/certs.d/docker.io/hosts.toml" in result.out
     assert "s3cr3t" not in result.out + result.err
     assert tree_state(node) == before
@@ -129,7 +136,9 @@ def test_dry_run_writes_nothing_and_redacts_headers(capsys: pytest.CaptureFixtur
     assert json.loads(as_json.out)["dry_run"] is True
 
 
-def test_existing_host_port_dir_is_used_not_shadowed(capsys: pytest.CaptureFixture[str], node: Path) -> None:
+def test_existing_host_port_dir_is_used_not_shadowed(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
     talos_style = hosts(node) / "127.0.0.1_5000_"
     talos_style.mkdir(parents=True)
     assert cli(capsys, node, "apply", "--no-gate").code == 0
@@ -151,7 +160,9 @@ def test_default_mode_writes_default_and_every_existing_registry_dir(
     assert list(quay["host"]) == ["http://10.0.0.5:29999"]
 
 
-def test_changed_port_replaces_the_old_mirror(capsys: pytest.CaptureFixture[str], node: Path) -> None:
+def test_changed_port_replaces_the_old_mirror(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
     cli(capsys, node, "apply", "--no-gate")
     cfg = node / "etc/spegel-node/config.toml"
     cfg.write_text(cfg.read_text() + "host_port = 30020\n")

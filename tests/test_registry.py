@@ -12,12 +12,17 @@ from spegel_node.registry import Registry, parse_mirror_url, parse_registry, reg
         ("https://ghcr.io", "ghcr.io", ("ghcr.io",)),
         ("https://GHCR.io/", "ghcr.io", ("ghcr.io",)),
         ("http://127.0.0.1:5000", "127.0.0.1:5000", ("127.0.0.1_5000_", "127.0.0.1:5000")),
-        ("https://registry.example.com:8443", "registry.example.com:8443",
-         ("registry.example.com_8443_", "registry.example.com:8443")),
+        (
+            "https://registry.example.com:8443",
+            "registry.example.com:8443",
+            ("registry.example.com_8443_", "registry.example.com:8443"),
+        ),
         ("http://[::1]:5000", "[::1]:5000", ("[::1]_5000_", "[::1]:5000")),
     ],
 )
-def test_valid_registries_and_containerd_dir_lookup_order(raw: str, host: str, dirs: tuple[str, ...]) -> None:
+def test_valid_registries_and_containerd_dir_lookup_order(
+    raw: str, host: str, dirs: tuple[str, ...]
+) -> None:
     # containerd's HostDirFromRoot tries `host_port_` before `host:port` (Talos writes the former).
     registry = parse_registry(raw)
     assert registry.host == host

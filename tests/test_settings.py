@@ -27,7 +27,9 @@ def test_missing_default_config_means_defaults(tmp_path: Path) -> None:
 
 
 def test_default_config_is_read_under_root(tmp_path: Path) -> None:
-    write_config(tmp_path, 'registries = ["https://ghcr.io"]\nhost_port = 30020\nresolve_tags = false\n')
+    write_config(
+        tmp_path, 'registries = ["https://ghcr.io"]\nhost_port = 30020\nresolve_tags = false\n'
+    )
     settings = load_settings(Node(tmp_path))
     assert [r.host for r in settings.registries] == ["ghcr.io"]
     assert settings.host_port == 30020
@@ -39,7 +41,10 @@ def test_explicit_config_is_read_as_given_not_under_root(tmp_path: Path) -> None
     cfg = tmp_path / "elsewhere.toml"
     cfg.write_text('node_ip = "10.1.2.3"\nextra_mirrors = ["http://10.1.2.3:30021"]\n')
     settings = load_settings(Node(tmp_path / "no-such-root"), cfg)
-    assert settings.mirror_urls(settings.node_ip) == ("http://10.1.2.3:29999", "http://10.1.2.3:30021")
+    assert settings.mirror_urls(settings.node_ip) == (
+        "http://10.1.2.3:29999",
+        "http://10.1.2.3:30021",
+    )
 
 
 @pytest.mark.parametrize("registries", ["[]", '["_default"]'])
@@ -50,7 +55,9 @@ def test_empty_registries_mean_default_mode(tmp_path: Path, registries: str) -> 
 
 def test_flags_override_config(tmp_path: Path) -> None:
     write_config(tmp_path, 'hosts_dir = "/etc/containerd/certs.d"\n')
-    settings = load_settings(Node(tmp_path), overrides={"hosts_dir": "/opt/hosts", "containerd_socket": None})
+    settings = load_settings(
+        Node(tmp_path), overrides={"hosts_dir": "/opt/hosts", "containerd_socket": None}
+    )
     assert settings.hosts_dir == "/opt/hosts"
 
 
@@ -77,7 +84,9 @@ def test_flags_override_config(tmp_path: Path) -> None:
         ('hosts_dir = "/etc/../../x"', "'hosts_dir'"),
     ],
 )
-def test_bad_config_is_one_line_bad_input_naming_the_problem(tmp_path: Path, text: str, names: str) -> None:
+def test_bad_config_is_one_line_bad_input_naming_the_problem(
+    tmp_path: Path, text: str, names: str
+) -> None:
     write_config(tmp_path, text + "\n")
     with pytest.raises(BadInput) as exc:
         load_settings(Node(tmp_path))

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from spegel_node import fsutil, gate, hostsdir, state
 from spegel_node.errors import Refused
+from spegel_node.gate import ProbeResult
 from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
-from spegel_node.node import Node
+from spegel_node.node import STATE_DIR, Node
 from spegel_node.plan import HOSTS_TOML, Plan, plan_apply, plan_remove
 from spegel_node.settings import Settings, resolve_node_ip
 from spegel_node.state import GateState, Record
@@ -31,7 +32,7 @@ class Outcome:
     dry_run: bool
     mirror_urls: tuple[str, ...]
     gate: GateState | None = None
-    probe: gate.ProbeResult | None = None
+    probe: ProbeResult | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -68,7 +69,7 @@ def _locked(node: Node, dry_run: bool) -> Iterator[None]:
     try:
         lock = state.lock_path(node)
     except OSError as e:
-        raise fsutil.refuse_os_error(e, f"create state dir {state.STATE_DIR}") from e
+        raise fsutil.refuse_os_error(e, f"create state dir {STATE_DIR}") from e
     with fsutil.exclusive_lock(lock):
         yield
 
@@ -83,7 +84,7 @@ def _check_record_dir(record: Record, hosts_dir: str) -> None:
 
 def _gate_step(
     record: Record, settings: Settings, mirror_url: str, use_gate: bool, dry_run: bool
-) -> tuple[GateState, gate.ProbeResult | None]:
+) -> tuple[GateState, ProbeResult | None]:
     if not use_gate:
         return replace(record.gate, withdrawn=False, consecutive_failures=0), None
     probe = gate.probe_v2(mirror_url)
@@ -149,7 +150,7 @@ def _save(node: Node, record: Record) -> None:
     try:
         state.save_record(node, record)
     except OSError as e:
-        raise fsutil.refuse_os_error(e, f"write the state under {state.STATE_DIR}") from e
+        raise fsutil.refuse_os_error(e, f"write the state under {STATE_DIR}") from e
 
 
 def _ensure_hosts_dir(path: Path, display: str) -> None:

@@ -14,7 +14,9 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_UPSTREAM = "https://registry-1.docker.io"
 
 # A DNS name or IPv4 literal: letters, digits, '-', '.', each label starting with an alphanumeric.
-_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*$")
+_HOSTNAME = re.compile(
+    r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*$"
+)
 
 
 @dataclass(frozen=True, order=True)

@@ -81,7 +81,9 @@ def _check_type(key: str, value: Any) -> None:
 
 def _check_node_path(key: str, value: str) -> str:
     if value and (not value.startswith("/") or "\x00" in value or ".." in value.split("/")):
-        raise BadInput(f"config key {key!r} must be an absolute node path without '..', got {value!r}")
+        raise BadInput(
+            f"config key {key!r} must be an absolute node path without '..', got {value!r}"
+        )
     return value.rstrip("/") or ("/" if value else "")
 
 
@@ -108,7 +110,9 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
         try:
             node_ip = str(ipaddress.ip_address(node_ip))
         except ValueError as e:
-            raise BadInput(f"config key 'node_ip' must be \"auto\" or an IP address, got {node_ip!r}") from e
+            raise BadInput(
+                f"config key 'node_ip' must be \"auto\" or an IP address, got {node_ip!r}"
+            ) from e
 
     extra = data.get("extra_mirrors", [])
     extra_mirrors = tuple(parse_mirror_url(m) for m in extra)
@@ -161,8 +165,18 @@ def load_settings(
         except tomllib.TOMLDecodeError as e:
             raise BadInput(f"config file {source} is not valid TOML: {e}") from e
     settings = settings_from_mapping(data, source)
-    flags = {k: _check_node_path("--" + k.replace("_", "-"), v) for k, v in (overrides or {}).items() if v}
-    return replace(settings, **flags) if flags else settings
+    flags = overrides or {}
+
+    def flag(key: str, current: str) -> str:
+        value = flags.get(key)
+        return _check_node_path("--" + key.replace("_", "-"), value) if value else current
+
+    return replace(
+        settings,
+        hosts_dir=flag("hosts_dir", settings.hosts_dir),
+        containerd_socket=flag("containerd_socket", settings.containerd_socket),
+        containerd_config=flag("containerd_config", settings.containerd_config),
+    )
 
 
 def resolve_node_ip(settings: Settings) -> str:
