@@ -25,6 +25,7 @@ app = typer.Typer(
         "  spegel-node --root /host validate"
     ),
     add_completion=False,
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -129,10 +130,17 @@ def detect(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Identify the node's flavor (k3s, rke2, talos, k0s, microk8s, kind, eks, bottlerocket,
-    containerd) and its containerd layout. Exit 1 when no containerd layout is found.
+    """Identify the node's flavor and containerd layout.
 
-    Example: spegel-node detect --output json
+    Flavors: k3s, rke2, talos, k0s, microk8s, kind, eks, bottlerocket, containerd. Evidence comes
+    from markers, sockets, the containerd config and the running containerd's command line.
+    Exit 1 when no containerd layout is found.
+
+    Examples:
+
+      spegel-node detect
+
+      spegel-node detect --output json --root /host
     """
     from spegel_node.report import layout_report
 
@@ -157,13 +165,18 @@ def apply(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Make every mirrored registry's hosts.toml list the Spegel mirror(s) first.
+    """Write the Spegel mirror(s) first into every mirrored registry's hosts.toml.
 
     Existing files are merged (everything else kept); new files start with '# managed by
     spegel-node'. While the mirror's /v2/ does not answer (gate_failures probes in a row) the
-    Spegel host tables are withdrawn. Exit 1 when refused (read-only or distro-owned dir).
+    Spegel host tables are withdrawn. Exit 1 when refused (read-only or distro-owned dir),
+    2 on bad input.
 
-    Examples: spegel-node apply --dry-run ; spegel-node apply --hosts-dir /etc/containerd/certs.d
+    Examples:
+
+      spegel-node apply --dry-run
+
+      spegel-node apply --hosts-dir /etc/containerd/certs.d --no-gate
     """
     from spegel_node.apply import apply_mirrors
     from spegel_node.report import outcome_report
@@ -187,10 +200,17 @@ def remove(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Undo apply: restore files it changed byte-for-byte (or, if the distro rewrote them since,
-    strip only the Spegel host tables) and delete files and dirs it created.
+    """Undo apply: restore changed files, delete created ones.
 
-    Example: spegel-node remove --dry-run
+    A file apply changed is restored byte-for-byte while it still holds what apply wrote; if
+    the distro rewrote it since, only the Spegel host tables are stripped. Files and dirs apply
+    created are deleted.
+
+    Examples:
+
+      spegel-node remove --dry-run
+
+      spegel-node remove
     """
     from spegel_node.apply import remove_mirrors
     from spegel_node.report import outcome_report
@@ -222,10 +242,16 @@ def validate(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Check hosts.toml files against containerd's parser rules (containerd drops a bad file
-    silently and pulls upstream). Default: the node's hosts dir. Exit 1 on errors.
+    """Check hosts.toml files against containerd's parser rules.
 
-    Examples: spegel-node validate ; spegel-node validate ./certs.d --containerd-version 1.7.20 --strict
+    containerd drops a bad file silently and pulls upstream. PATHs are files or hosts dirs
+    (default: the node's hosts dir). Exit 1 on errors (and on warnings with --strict).
+
+    Examples:
+
+      spegel-node validate
+
+      spegel-node validate ./certs.d --containerd-version 1.7.20 --strict
     """
     from spegel_node.report import findings_report
     from spegel_node.validate_paths import validate_targets
@@ -258,9 +284,14 @@ def helm_values_command(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Print the Spegel Helm chart values that match this node (YAML; JSON with --output json).
+    """Print the Spegel Helm chart values that match this node.
 
-    Example: spegel-node helm-values > spegel-values.yaml
+    YAML by default, JSON with --output json. containerdMirrorAdd is false: spegel-node owns
+    the hosts dir, so Spegel's init container must not rewrite it.
+
+    Examples:
+
+      spegel-node helm-values > spegel-values.yaml
     """
     from spegel_node.helm_values import helm_values, to_yaml
     from spegel_node.output import print_json
