@@ -12,16 +12,21 @@ from spegel_node.output import print_json, print_lines, print_table
 from spegel_node.validate import Finding
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "-"
+    return "-" if value is None else str(value)
+
+
 def layout_report(layout: Layout, output: str) -> None:
-    if output == "json":
-        print_json(layout.to_json())
-        return
     data = layout.to_json()
-    rows = [
-        [key, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-        for key, value in data.items()
-        if key != "evidence"
-    ]
+    if output == "json":
+        print_json(data)
+        return
+    rows = [[key, _cell(value)] for key, value in data.items() if key not in ("evidence", "config")]
+    config = data.get("config")
+    if isinstance(config, dict):
+        rows += [[f"config.{key}", _cell(value)] for key, value in config.items() if key != "path"]
     rows += [["evidence", line] for line in layout.evidence]
     print_table(f"node layout: {layout.flavor}", ["key", "value"], rows)
 
