@@ -25,7 +25,7 @@ $(VENV_STAMP): pyproject.toml | $(APT_STAMP)
 	@touch $@
 
 demo: $(VENV_STAMP) $(APT_STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -u scripts/demo.py
 
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
