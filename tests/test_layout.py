@@ -518,3 +518,18 @@ def test_running_containerd_reads_live_command_lines(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     assert os.getpid() not in {p.pid for p in running_containerd()}
+
+
+def test_overrides_ignore_a_different_running_containerd(tmp_path: Path) -> None:
+    # Two containerds on one machine: the one the operator names wins, not whichever runs.
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv/config.toml").write_text('version = 2\nroot = "/srv/ctr-root"\n')
+    other = ContainerdProcess(42, "/etc/other/config.toml", None, "/var/lib/other-containerd")
+    layout = detect(
+        Node(tmp_path),
+        containerd_config="/srv/config.toml",
+        containerd_socket="/srv/ctr.sock",
+        processes=[other],
+    )
+    assert layout.content_dir == "/srv/ctr-root/io.containerd.content.v1.content"
+    assert not any("pid 42" in line for line in layout.evidence)

@@ -382,6 +382,15 @@ def detect(
     if flavor == "containerd" and node.path(KUBEADM_MARKER).exists():
         evidence.append(f"marker {KUBEADM_MARKER}")
     d = DEFAULTS[flavor]
+    if containerd_socket or containerd_config:
+        # The operator named a containerd: only a process running with that config or socket
+        # speaks for it (another daemon's --root would give the wrong content dir).
+        procs = [
+            p
+            for p in procs
+            if (containerd_config and p.effective_config == containerd_config)
+            or (containerd_socket and p.address == containerd_socket)
+        ]
     proc = _pick_process(procs, flavor)
     if proc is not None:
         evidence.append(proc.describe())
