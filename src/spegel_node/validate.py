@@ -1,0 +1,592 @@
+"""containerd's hosts.toml parser rules, as findings.
+
+containerd drops a whole hosts.toml on any parse error and pulls straight from upstream, with
+only a line in its log: each rule here mirrors one of its rejections (severity "error") or a
+silent surprise (severity "warning"). Nothing here raises on any input: every problem is a
+Finding. Messages never carry a header value (headers hold credentials) nor URL user info.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spegel_node.errors import BadInput
+from spegel_node.hoststoml import redact_text, redact_url, table_header_path, too_complex
+from spegel_node.registry import DEFAULT_DIR
+from spegel_node.settings import GO_DURATION
+
+ERROR = "error"
+WARNING = "warning"
+MAX_BYTES = 1024 * 1024
+MAX_FINDINGS = 100  # per file; one more "file.truncated" finding says how many were left out
+BACKUP_DIR = "_backup"  # where Spegel's init container moves what it found; not read by containerd
+DIAL_TIMEOUT_SINCE = (2, 0, 7)  # honoured from 2.0.7 within 2.0.x, and from 2.1.0
+REFERRERS_SINCE = (2, 2, 0)
+
+HOST_KEYS = (
+    "capabilities",
+    "ca",
+    "client",
+    "skip_verify",
+    "override_path",
+    "header",
+    "dial_timeout",
+)
+TOP_KEYS = ("server", "host", *HOST_KEYS)
+CAPABILITIES = ("pull", "resolve", "push")
+_VERSION = re.compile(r"v?(\d{1,6})\.(\d{1,6})(?:\.(\d{1,6}))?(?:[-+~][0-9A-Za-z.+~-]*)?")
+_SYNTAX_AT = re.compile(r"\(at line (\d+), column \d+\)")
+_BAD_HOST_CHAR = re.compile(r"[ {}|\\^`\"<>]")
+_PORT_DIR = re.compile(r"(.+)_(\d+)_")
+_HEADER_START = re.compile(r"[ \t]*\[")
+_KEY_START = re.compile(r"[ \t]*(?:\"([^\"\\]*)\"|'([^']*)'|([A-Za-z0-9_-]+))[ \t]*[=.]")
+
+Version = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str  # as displayed (node path), given by the caller
+    line: int | None  # 1-based, where the key or table could be found in the text
+    severity: str  # "error" (containerd drops the file or the pull fails) or "warning"
+    code: str  # stable, dotted, e.g. "capabilities.type"
+    message: str  # one line, never a header value
+
+
+def parse_containerd_version(text: str) -> Version:
+    """`1.6.20`, `v2.1.4`, `2.0.0-rc.1`, `1.6.20~ds1` -> (major, minor, patch); BadInput on junk."""
+    m = _VERSION.fullmatch(text.strip())
+    if not m:
+        raise BadInput(f"invalid containerd version {text!r}: expected X.Y.Z such as 1.7.22")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+# ---------------------------------------------------------------- one file
+
+
+def validate_text(
+    data: bytes | str,
+    *,
+    display_path: str,
+    file_dir: Path | None,
+    containerd_version: Version | None = None,
+    root: Path = Path("/"),
+) -> list[Finding]:
+    """Check one hosts.toml's content. Never raises.
+
+    `file_dir`: the host directory of the file, for relative `ca`/`client` paths (None: their
+    existence is not checked). `root`: where absolute `ca`/`client` node paths live (`--root`).
+    `containerd_version` None means unknown: `referrers` is then a warning, `dial_timeout` is
+    not reported as ignored.
+    """
+    try:
+        checker = _Checker(display_path, file_dir, containerd_version, root)
+        return checker.run(data)
+    except Exception as e:  # a rule's bug must not take the whole command down
+        return [
+            Finding(
+                display_path, None, ERROR, "file.unchecked", f"cannot check: {type(e).__name__}"
+            )
+        ]
+
+
+def validate_file(
+    path: Path,
+    *,
+    display_path: str,
+    containerd_version: Version | None = None,
+    root: Path = Path("/"),
+) -> list[Finding]:
+    """Read `path` (at most MAX_BYTES, regular files only) and check it; never raises."""
+    try:
+        data = _read_capped(path)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        return [Finding(display_path, None, ERROR, "file.unreadable", f"cannot read: {reason}")]
+    if data is None:
+        return [_too_large(display_path)]
+    return validate_text(
+        data,
+        display_path=display_path,
+        file_dir=path.parent,
+        containerd_version=containerd_version,
+        root=root,
+    )
+
+
+def _read_capped(path: Path) -> bytes | None:
+    """The file's bytes, None when larger than MAX_BYTES. Opens without blocking (no FIFO hang)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_BYTES:
+            chunk = os.read(fd, MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return None if size > MAX_BYTES else b"".join(chunks)
+
+
+def _too_large(display_path: str) -> Finding:
+    return Finding(display_path, None, ERROR, "file.too_large", f"larger than {MAX_BYTES} bytes")
+
+
+# ---------------------------------------------------------------- a hosts dir
+
+
+def validate_hosts_dir(
+    hosts_dir: Path,
+    *,
+    display: Callable[[Path], str],
+    containerd_version: Version | None = None,
+    root: Path = Path("/"),
+) -> list[Finding]:
+    """Every `<dir>/hosts.toml` under `hosts_dir`, plus containerd's directory lookup pitfalls."""
+    try:
+        dirs = sorted(p for p in hosts_dir.iterdir() if p.is_dir() and p.name != BACKUP_DIR)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        return [
+            Finding(display(hosts_dir), None, ERROR, "dir.unreadable", f"cannot list: {reason}")
+        ]
+    names = {d.name for d in dirs}
+    findings: list[Finding] = []
+    for d in dirs:
+        findings += _dir_findings(d, names, display)
+        hosts = d / "hosts.toml"
+        if hosts.exists() or hosts.is_symlink():
+            findings += validate_file(
+                hosts, display_path=display(hosts), containerd_version=containerd_version, root=root
+            )
+    return findings
+
+
+def _dir_findings(d: Path, names: set[str], display: Callable[[Path], str]) -> Iterator[Finding]:
+    m = _PORT_DIR.fullmatch(d.name)
+    if m and f"{m.group(1)}:{m.group(2)}" in names:
+        shadowed = d.parent / f"{m.group(1)}:{m.group(2)}"
+        yield Finding(
+            display(shadowed),
+            None,
+            WARNING,
+            "dir.shadowed",
+            f"containerd reads {d.name}/ first and never this directory",
+        )
+    if (d / "hosts.toml").exists() or (d / "hosts.toml").is_symlink():
+        return
+    if d.name != DEFAULT_DIR and DEFAULT_DIR in names:
+        yield Finding(
+            display(d),
+            None,
+            WARNING,
+            "dir.hides_default",
+            f"no hosts.toml, yet containerd uses this directory instead of {DEFAULT_DIR}/",
+        )
+    else:
+        yield Finding(
+            display(d),
+            None,
+            WARNING,
+            "dir.no_hosts_toml",
+            "no hosts.toml: containerd pulls from the registry itself (only certificates apply)",
+        )
+
+
+# ---------------------------------------------------------------- the rules
+
+
+class _Checker:
+    """The rules for one file. Keeps the raw text to find line numbers."""
+
+    def __init__(
+        self, display_path: str, file_dir: Path | None, version: Version | None, root: Path
+    ) -> None:
+        self.path = display_path
+        self.file_dir = file_dir
+        self.version = version
+        self.root = root
+        self.where = _Locator("")
+        self.findings: list[Finding] = []
+
+    def run(self, data: bytes | str) -> list[Finding]:
+        doc = self._parse(data)
+        if doc is not None:
+            self._check_top(doc)
+        if len(self.findings) > MAX_FINDINGS:
+            more = len(self.findings) - MAX_FINDINGS
+            del self.findings[MAX_FINDINGS:]
+            self.add(None, WARNING, "file.truncated", f"{more} more findings not shown")
+        return self.findings
+
+    # -- reporting
+
+    def add(self, line: int | None, severity: str, code: str, message: str) -> None:
+        self.findings.append(Finding(self.path, line, severity, code, message))
+
+    # -- decoding
+
+    def _parse(self, data: bytes | str) -> dict[str, Any] | None:
+        if len(data) > MAX_BYTES:
+            self.findings.append(_too_large(self.path))
+            return None
+        if isinstance(data, bytes):
+            raw = data
+            try:
+                data = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw.count(b"\n", 0, e.start) + 1
+                self.add(line, ERROR, "file.not_utf8", "not UTF-8 text")
+                return None
+        if too_complex(data):
+            self.add(
+                None, ERROR, "file.too_complex", "too many dotted key parts on one line to check"
+            )
+            return None
+        self.where = _Locator(data)
+        try:
+            return tomllib.loads(data)
+        except tomllib.TOMLDecodeError as e:
+            m = _SYNTAX_AT.search(str(e))
+            reason = redact_text(" ".join(str(e).split()))
+            self.add(
+                int(m.group(1)) if m else None, ERROR, "toml.syntax", f"not valid TOML: {reason}"
+            )
+        except RecursionError:
+            self.add(None, ERROR, "toml.syntax", "not valid TOML: nested too deeply")
+        return None
+
+    # -- top level
+
+    def _check_top(self, doc: dict[str, Any]) -> None:
+        if "server" in doc:
+            self._check_server(doc["server"])
+        self._check_fields(doc, "top level", (), TOP_KEYS)
+        if "host" in doc:
+            self._check_hosts(doc["host"])
+
+    def _check_server(self, server: Any) -> None:
+        line = self.where.key("server", ())
+        if not isinstance(server, str):
+            self.add(line, ERROR, "server.type", f"'server' must be a string, not {_kind(server)}")
+        elif server:
+            self._check_url(server, "server", "'server'", line)
+
+    def _check_hosts(self, hosts: Any) -> None:
+        if not isinstance(hosts, dict):
+            line = self.where.key("host", ())
+            self.add(
+                line, ERROR, "host.type", f"'host' must be a table of tables, not {_kind(hosts)}"
+            )
+            return
+        for url, table in hosts.items():
+            where = f"[host.{_show_key(url)}]"
+            line = self.where.table(("host", url))
+            if not isinstance(table, dict):
+                self.add(line, ERROR, "host.type", f"{where} must be a table, not {_kind(table)}")
+                continue
+            self._check_url(url, "host", where, line)
+            self._check_fields(table, where, ("host", url), HOST_KEYS)
+
+    def _check_url(self, url: str, code: str, where: str, line: int | None) -> None:
+        problem = _url_problem(url)
+        if problem:
+            self.add(line, ERROR, f"{code}.invalid", f"{where}: {problem}")
+        elif not url.startswith("http"):
+            self.add(
+                line,
+                WARNING,
+                f"{code}.no_scheme",
+                f"{where} has no scheme: containerd uses https://{redact_url(url)}",
+            )
+
+    # -- the fields shared by the top level and each host
+
+    def _check_fields(
+        self, table: dict[str, Any], where: str, path: tuple[str, ...], known: tuple[str, ...]
+    ) -> None:
+        checks: dict[str, Callable[[Any, str, int | None], None]] = {
+            "capabilities": self._check_capabilities,
+            "ca": self._check_ca,
+            "client": self._check_client,
+            "skip_verify": self._check_skip_verify,
+            "override_path": self._check_override_path,
+            "header": self._check_header,
+            "dial_timeout": self._check_dial_timeout,
+        }
+        for key, value in table.items():
+            key_line = self.where.key(key, path)
+            if key in checks:
+                checks[key](value, f"{where}: '{key}'", key_line)
+            elif key not in known:
+                self._unknown_key(key, where, key_line)
+
+    def _unknown_key(self, key: str, where: str, line: int | None) -> None:
+        hint = ""
+        if key == "rewrite":
+            hint = " (only k3s's and RKE2's containerd read it)"
+        else:
+            close = difflib.get_close_matches(key, HOST_KEYS, n=1, cutoff=0.75)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+        self.add(
+            line,
+            WARNING,
+            "key.unknown",
+            f"{where}: unknown key {_show_key(key)} is ignored by containerd{hint}",
+        )
+
+    def _check_capabilities(self, value: Any, where: str, line: int | None) -> None:
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            got = "a string" if isinstance(value, str) else _kind(value)
+            self.add(
+                line, ERROR, "capabilities.type", f"{where} must be a list of strings, not {got}"
+            )
+            return
+        if not value:
+            self.add(
+                line,
+                WARNING,
+                "capabilities.empty",
+                f"{where} is empty, which containerd reads as all capabilities, push included",
+            )
+        for cap in value:
+            self._check_capability(cap, where, line)
+
+    def _check_capability(self, cap: str, where: str, line: int | None) -> None:
+        name = cap.lower()
+        if name in CAPABILITIES:
+            return
+        if name != "referrers":
+            self.add(
+                line, ERROR, "capabilities.unknown", f"{where}: unknown capability {cap[:40]!r}"
+            )
+        elif self.version is None:
+            self.add(
+                line,
+                WARNING,
+                "capabilities.referrers_unsupported",
+                f"{where}: 'referrers' needs containerd 2.2 or later; older versions drop the file",
+            )
+        elif self.version < REFERRERS_SINCE:
+            self.add(
+                line,
+                ERROR,
+                "capabilities.referrers_unsupported",
+                f"{where}: 'referrers' needs containerd 2.2 or later, not {_ver(self.version)}",
+            )
+
+    def _check_ca(self, value: Any, where: str, line: int | None) -> None:
+        paths = _string_list(value)
+        if paths is None:
+            self.add(line, ERROR, "ca.type", f"{where} must be a path or a list of paths")
+            return
+        for p in paths:
+            if not self._file_exists(p):
+                self.add(line, ERROR, "ca.missing", f"{where}: file {p!r} does not exist")
+
+    def _check_client(self, value: Any, where: str, line: int | None) -> None:
+        entries = [value] if isinstance(value, str) else value
+        if not isinstance(entries, list):
+            self.add(
+                line, ERROR, "client.type", f"{where} must be a path, or a list of paths or pairs"
+            )
+            return
+        for entry in entries:
+            self._check_client_entry(entry, where, line)
+
+    def _check_client_entry(self, entry: Any, where: str, line: int | None) -> None:
+        files = [entry] if isinstance(entry, str) else _string_list(entry)
+        if files is None:
+            self.add(line, ERROR, "client.type", f"{where}: each entry must be a path or a pair")
+            return
+        if not isinstance(entry, str) and len(files) != 2:
+            self.add(
+                line,
+                ERROR,
+                "client.pair",
+                f"{where}: a pair must be [cert, key], got {len(files)} item(s)",
+            )
+            return
+        for f in files:
+            if not self._file_exists(f):
+                self.add(line, ERROR, "client.missing", f"{where}: file {f!r} does not exist")
+
+    def _check_skip_verify(self, value: Any, where: str, line: int | None) -> None:
+        self._check_bool(value, "skip_verify.type", where, line)
+
+    def _check_override_path(self, value: Any, where: str, line: int | None) -> None:
+        self._check_bool(value, "override_path.type", where, line)
+
+    def _check_bool(self, value: Any, code: str, where: str, line: int | None) -> None:
+        if not isinstance(value, bool):
+            self.add(line, ERROR, code, f"{where} must be true or false, not {_kind(value)}")
+
+    def _check_header(self, value: Any, where: str, line: int | None) -> None:
+        if not isinstance(value, dict):
+            self.add(line, ERROR, "header.type", f"{where} must be a table, not {_kind(value)}")
+            return
+        for name, v in value.items():
+            if _string_list(v) is None:
+                self.add(
+                    line,
+                    ERROR,
+                    "header.type",
+                    f"{where}: {_show_key(name)} must be a string or a list of strings",
+                )
+
+    def _check_dial_timeout(self, value: Any, where: str, line: int | None) -> None:
+        if self.version is not None and self.version < DIAL_TIMEOUT_SINCE:
+            self.add(
+                line,
+                WARNING,
+                "dial_timeout.ignored",
+                f"{where} is ignored by containerd {_ver(self.version)} (read from 2.0.7 and 2.1)",
+            )
+            return
+        if not isinstance(value, str):
+            self.add(
+                line, ERROR, "dial_timeout.invalid", f'{where} must be a string such as "200ms"'
+            )
+        elif value and not _is_go_duration(value):
+            self.add(
+                line,
+                ERROR,
+                "dial_timeout.invalid",
+                f'{where} is not a duration such as "200ms" (a number needs a unit)',
+            )
+
+    def _file_exists(self, name: str) -> bool:
+        if self.file_dir is None:
+            return True
+        p = Path(name)
+        host = self.root / name.lstrip("/") if p.is_absolute() else self.file_dir / p
+        try:
+            return host.is_file()
+        except (OSError, ValueError):
+            return False
+
+
+class _Locator:
+    """Line numbers of tables and keys in the raw text, found with one pass over its lines.
+
+    A key line is recorded under the last table header above it; approximate by design (a line
+    inside a multi-line string may be taken for a key), which only matters for line numbers.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.tables: dict[tuple[str, ...], int] = {}
+        self.keys: dict[tuple[tuple[str, ...], str], int] = {}
+        table: tuple[str, ...] = ()
+        for number, line in enumerate(text.split("\n"), 1):
+            path = table_header_path(line) if _HEADER_START.match(line) else None
+            if path is not None:
+                table = path
+                self.tables.setdefault(path, number)
+            elif m := _KEY_START.match(line):
+                name = next(g for g in m.groups() if g is not None)
+                self.keys.setdefault((table, name), number)
+
+    def table(self, path: tuple[str, ...]) -> int | None:
+        """The header line of a table (1 for the top level), else the line of its key."""
+        if not path:
+            return 1
+        return self.tables.get(path) or self.keys.get((path[:-1], path[-1]))
+
+    def key(self, key: str, path: tuple[str, ...]) -> int | None:
+        """The line of `key = ...` (or `[path.key]`) in the table at `path`, else the table's."""
+        found = self.keys.get((path, key)) or self.tables.get((*path, key))
+        return found or (self.table(path) if path else None)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _url_problem(url: str) -> str | None:
+    """Why Go's url.Parse (after containerd adds https:// to a URL without "http") rejects it."""
+    if not url:
+        return "empty URL"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "URL contains a control character"
+    if url.startswith("http") and not re.match(r"https?://", url):
+        return "URL starts with 'http' but is not http:// or https://"
+    if "://" in url and not url.startswith("http"):
+        return "scheme must be http or https"
+    rest = url.split("://", 1)[1] if "://" in url else url
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    host = authority.rsplit("@", 1)[-1]
+    if re.search(r"%(?![0-9A-Fa-f]{2})", url):
+        return "URL has an invalid %-escape"
+    return _host_problem(host)
+
+
+def _host_problem(host: str) -> str | None:
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return "missing ']' in host"
+        port = host[end + 1 :]
+        if port and not re.fullmatch(r":\d*", port):
+            return "invalid port after the IPv6 address"
+        return None
+    name, colon, port = host.rpartition(":")
+    if colon and not port.isdigit() and port != "":
+        return "port is not a number"
+    if not (name if colon else host):
+        return "URL has no host"
+    if _BAD_HOST_CHAR.search(host):
+        return "invalid character in host"
+    return None
+
+
+def _is_go_duration(value: str) -> bool:
+    """Go's time.ParseDuration accepts it (a bare "0" may carry a sign)."""
+    return bool(GO_DURATION.fullmatch(value) or re.fullmatch(r"[+-]?0", value))
+
+
+def _string_list(value: Any) -> list[str] | None:
+    """A string as a one-item list, a list of strings as is; None for anything else."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    names.update({list: "a list", dict: "a table"})
+    return names.get(type(value), "a date or time")
+
+
+def _show_key(key: str) -> str:
+    """A key as TOML would quote it, on one line, user info redacted, cut at 200 characters."""
+    shown = json.dumps(redact_url(key), ensure_ascii=False)
+    return shown if len(shown) <= 200 else shown[:199] + '…"'
+
+
+def _ver(v: Version) -> str:
+    return ".".join(str(n) for n in v)
+
+
+def _offset_of_line(text: str, line: int) -> int:
+    pos = 0
+    for _ in range(line - 1):
+        nxt = text.find("\n", pos)
+        if nxt < 0:
+            return len(text)
+        pos = nxt + 1
+    return pos
