@@ -19,10 +19,14 @@ def validate_targets(
     for target in targets:
         path = node.path(target) if target.startswith("/") else Path(target)
         if path.is_dir():
-            found = validate_hosts_dir(path, display=node.display, containerd_version=version)
+            found = validate_hosts_dir(
+                path, display=node.display, containerd_version=version, root=node.root
+            )
             files += sum(1 for _ in path.glob("*/hosts.toml"))
         elif path.exists():
-            found = validate_file(path, display_path=node.display(path), containerd_version=version)
+            found = validate_file(
+                path, display_path=node.display(path), containerd_version=version, root=node.root
+            )
             files += 1
         else:
             raise BadInput(f"{target}: no such file or directory")
