@@ -1,9 +1,13 @@
 # Everything a fresh Debian machine (as root) needs to run the demo and the tests.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+LINT_PATHS = $(wildcard src tests benchmarks scripts)
+# This machine's pip config names local wheel dirs that may not exist; their warnings are noise.
+QUIET_PIP = 2>&1 | { grep -v "^WARNING: Location '" || true; }
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3 python3-venv containerd docker-registry skopeo systemd-container debootstrap iproute2 util-linux
+APT_PACKAGES := python3 python3-venv systemd containerd docker-registry skopeo systemd-container debootstrap iproute2 util-linux
 APT_STAMP := $(VENV)/.apt-stamp
 VENV_STAMP := $(VENV)/.venv-stamp
 
@@ -20,16 +24,16 @@ $(APT_STAMP):
 
 $(VENV_STAMP): pyproject.toml | $(APT_STAMP)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@$(BIN)/pip install -q --upgrade pip
-	@$(BIN)/pip install -q -e '.[dev]'
+	@$(BIN)/pip install -q --upgrade pip $(QUIET_PIP)
+	@$(BIN)/pip install -q -e '.[dev]' $(QUIET_PIP)
 	@touch $@
 
 demo: $(VENV_STAMP) $(APT_STAMP)
 	$(BIN)/python -u scripts/demo.py
 
 lint: $(VENV_STAMP)
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 test: $(VENV_STAMP) $(APT_STAMP) lint
