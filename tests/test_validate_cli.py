@@ -11,7 +11,9 @@ from support.cli import run_cli
 HOSTS = "etc/containerd/certs.d"
 
 
-def test_absolute_ca_paths_resolve_under_root(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_absolute_ca_paths_resolve_under_root(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     (tmp_path / "etc/certs").mkdir(parents=True)
     (tmp_path / "etc/certs/ca.crt").write_text("PEM")
     reg = tmp_path / HOSTS / "ghcr.io"
