@@ -39,6 +39,8 @@ from support.sandbox import (  # noqa: E402
     wait_until,
 )
 
+from spegel_node.redact import redact_hosts_toml  # noqa: E402
+
 STATE_DIR = Path("/var/lib/spegel-node")  # the agent's record, under --root /
 CONFIG_NAME = "spegel-node.toml"
 BLOBS_PER_PULL = 2  # the sandbox image: one config blob, one layer
@@ -91,7 +93,7 @@ class Demo:
 
     def show_file(self, path: Path) -> None:
         print(_style(f"  {path}:", "2"))
-        self.say(path.read_text())
+        self.say(redact_hosts_toml(path.read_text()))  # header values are credentials
 
     def run(self, *argv: str, expect_exit: int | None = 0) -> subprocess.CompletedProcess[str]:
         """Run `spegel-node ARGV --config spegel-node.toml` in the sandbox dir; print it all."""
