@@ -275,6 +275,56 @@ def validate(
     return 1 if failing else 0
 
 
+@app.command()
+def doctor(
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="Also ask the local Spegel whether a peer can serve this image (e.g. alpine:3.20).",
+        ),
+    ] = None,
+    textfile: Annotated[
+        Path | None,
+        typer.Option(
+            "--textfile",
+            help="Also write the results in Prometheus text format to FILE (a host path, "
+            "written atomically), for node_exporter's textfile collector.",
+        ),
+    ] = None,
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Read-only diagnosis of the whole chain: layout, containerd settings, hosts files, Spegel
+    answering. Every check has a stable id (docs/checks.md), a status and, when not passing,
+    what to change. Finishes within 5 s even when Spegel or containerd hangs. Exit 1 when a
+    check failed (warnings do not fail).
+
+    Examples:
+
+      spegel-node doctor
+
+      spegel-node doctor --image ghcr.io/spegel-org/spegel:v0.7.4 --output json
+
+      spegel-node doctor --textfile /var/lib/node_exporter/textfile/spegel_node.prom
+    """
+    from spegel_node.doctor import run_doctor
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    return run_doctor(
+        common.node,
+        config=common.config,
+        overrides=common.overrides,
+        output=common.output,
+        image=image,
+        textfile=textfile,
+    )
+
+
 @app.command("helm-values")
 def helm_values_command(
     root: RootOpt = Path("/"),

@@ -1,0 +1,39 @@
+"""Which checks this node gets, in the order they are shown. Building is separate from running."""
+
+from __future__ import annotations
+
+from spegel_node.doctor.checks.agent import AgentDrift, AgentGate, AgentTimer
+from spegel_node.doctor.checks.containerd import (
+    ConfigPath,
+    ContainerdConfigReadable,
+    ContainerdSocket,
+    DiscardUnpackedLayers,
+    LocalImagePull,
+)
+from spegel_node.doctor.checks.distro import EmbeddedRegistry, RegistriesYaml
+from spegel_node.doctor.checks.hosts import HostsRegistry, HostsShadowing
+from spegel_node.doctor.checks.layout import LayoutDetected
+from spegel_node.doctor.checks.spegel import SpegelImage, SpegelMetrics, SpegelReadyz, SpegelV2
+from spegel_node.doctor.facts import Facts
+from spegel_node.doctor.model import Check
+
+
+def build_checks(facts: Facts) -> list[Check]:
+    """One `hosts.<registry>` per mirrored registry, `spegel.image` with --image, `k3s.*` only
+    on k3s and RKE2. Reads the layout (fast, local) to know the registries and the flavor."""
+    checks: list[Check] = [
+        LayoutDetected(),
+        ContainerdSocket(),
+        ContainerdConfigReadable(),
+        ConfigPath(),
+        DiscardUnpackedLayers(),
+        LocalImagePull(),
+    ]
+    checks += [HostsRegistry(target) for target in facts.hosts_targets()]
+    checks += [HostsShadowing(), SpegelV2(), SpegelReadyz(), SpegelMetrics()]
+    if facts.image is not None:
+        checks.append(SpegelImage(facts.image))
+    if facts.flavor in ("k3s", "rke2"):
+        checks += [EmbeddedRegistry(facts.flavor), RegistriesYaml(facts.flavor)]
+    checks += [AgentDrift(), AgentGate(), AgentTimer()]
+    return checks

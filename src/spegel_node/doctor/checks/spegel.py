@@ -1,0 +1,246 @@
+"""spegel.*: the local Spegel answers on the mirror URL; is ready; what its metrics say; whether
+a peer can serve a given image. Only the node IP's mirror port, its port 9090 and (when the
+mirror is dead) the chart's default hostPort 30020 are ever contacted; redirects are not followed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+from spegel_node.doctor.facts import Facts
+from spegel_node.doctor.imageref import ImageRef
+from spegel_node.doctor.model import Check, CheckResult
+from spegel_node.doctor.promtext import parse_samples
+
+CHART_HOST_PORT = 30020
+METRICS_PORT = 9090
+MANIFEST_ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
+POD_HINT = "kubectl -n spegel get pods -o wide --field-selector spec.nodeName=$(hostname)"
+
+
+def _host_url(facts: Facts, port: int) -> str:
+    ip = facts.node_ip
+    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class SpegelV2(Check):
+    area: ClassVar[str] = "spegel"
+
+    @property
+    def id(self) -> str:
+        return "spegel.v2"
+
+    def run(self, facts: Facts) -> CheckResult:
+        url = f"{facts.mirror_url}/v2/"
+        port = facts.settings.host_port
+        r = facts.mirror_v2
+        if r.status == 200:
+            return self.passed(f"{url} answered HTTP 200 in {r.elapsed_s * 1000:.0f} ms")
+        if r.status is not None and 300 <= r.status < 400:
+            return self.fail(
+                f"{url} answered a redirect (HTTP {r.status}), not followed: this is not Spegel",
+                f"find what listens on port {port}: ss -ltnp 'sport = :{port}'",
+            )
+        if r.status is not None:
+            return self.fail(
+                f"{url} answered HTTP {r.status}: something other than Spegel holds port {port}",
+                f"find what listens there (ss -ltnp 'sport = :{port}'); Spegel's hostPort cannot "
+                "bind while another process holds the port (Spegel #551)",
+            )
+        if r.timed_out:
+            summary = (
+                f"{url} accepted the connection but sent no answer within "
+                f"{facts.timeouts.mirror_s:g}s: Spegel is hung, and every pull waits on it "
+                "(Spegel #739)"
+            )
+            fix = f"restart the Spegel pod on this node ({POD_HINT}; kubectl -n spegel delete pod POD)"
+        else:
+            summary = f"{url}: {r.error}: Spegel does not serve on this node's mirror port"
+            fix = f"check the Spegel pod on this node: {POD_HINT}"
+        fix += (
+            f"\nUntil it answers, the health gate withdraws the mirror after "
+            f"{facts.settings.gate_failures} failed probes (`spegel-node apply`, run by the "
+            "repair timer)."
+        )
+        if port != CHART_HOST_PORT:
+            hint = facts.http(
+                f"{_host_url(facts, CHART_HOST_PORT)}/v2/", timeout=facts.timeouts.hint_s
+            )
+            if hint.status == 200:
+                fix = (
+                    f"Spegel answers on the chart's default hostPort {CHART_HOST_PORT} instead of "
+                    f"{port}: either set host_port = {CHART_HOST_PORT} in "
+                    "/etc/spegel-node/config.toml and run `spegel-node apply`, or set "
+                    f"service.registry.hostPort: {port} in the Spegel chart values "
+                    "(`spegel-node helm-values` prints them)"
+                )
+        return self.fail(summary, fix)
+
+
+@dataclass(frozen=True)
+class SpegelReadyz(Check):
+    area: ClassVar[str] = "spegel"
+
+    @property
+    def id(self) -> str:
+        return "spegel.readyz"
+
+    def run(self, facts: Facts) -> CheckResult:
+        url = f"{facts.mirror_url}/readyz"
+        r = facts.http(url, timeout=facts.timeouts.optional_s)  # in parallel with spegel.v2
+        if not facts.mirror_v2.answered:
+            return self.skip("Spegel does not answer (see spegel.v2)")
+        if r.status == 200:
+            return self.passed(f"{url} answered HTTP 200: ready")
+        if r.status == 404:
+            return self.warn(
+                f"{url} answered HTTP 404: no readiness endpoint (Spegel before v0.4, or not Spegel)",
+                "upgrade Spegel (the chart's image tag); /readyz exists from v0.4.0",
+            )
+        if r.status is not None:
+            return self.warn(
+                f"{url} answered HTTP {r.status}: Spegel is not ready (its p2p router has not "
+                "found peers yet)",
+                f"read the Spegel pod's log on this node ({POD_HINT}; kubectl -n spegel logs POD); "
+                "it must reach the other nodes' Spegel on its router port",
+            )
+        return self.warn(f"{url}: {r.error}", f"read the Spegel pod's log ({POD_HINT})")
+
+
+@dataclass(frozen=True)
+class SpegelMetrics(Check):
+    area: ClassVar[str] = "spegel"
+
+    @property
+    def id(self) -> str:
+        return "spegel.metrics"
+
+    def run(self, facts: Facts) -> CheckResult:
+        url = f"{_host_url(facts, METRICS_PORT)}/metrics"
+        r = facts.http(url, timeout=facts.timeouts.optional_s)
+        if r.status is None:
+            return self.skip(
+                f"{url}: {r.error} (the chart exposes metrics on the pod IP only, unless you "
+                "publish port 9090)"
+            )
+        if r.status != 200:
+            return self.skip(f"{url} answered HTTP {r.status}")
+        hits: dict[str, float] = defaultdict(float)
+        misses: dict[str, float] = defaultdict(float)
+        last = None
+        seen = False
+        for s in parse_samples(r.body.decode("utf-8", "replace")):
+            if s.name == "spegel_mirror_requests_total":
+                seen = True
+                registry = s.labels.get("registry", "?")
+                cache = s.labels.get("cache")
+                if cache == "hit":
+                    hits[registry] += s.value
+                elif cache == "miss":
+                    misses[registry] += s.value
+            elif s.name == "spegel_mirror_last_success_timestamp_seconds":
+                seen = True
+                last = s.value if last is None else max(last, s.value)
+        if not seen:
+            return self.skip(f"{url} answers but serves no Spegel mirror metrics")
+        hit, miss = sum(hits.values()), sum(misses.values())
+        if last:
+            ago = max(0.0, facts.now() - last)
+            last_text = f"last served from a peer {_ago(ago)} ago"
+        else:
+            last_text = "never served from a peer"
+        details = [
+            f"{reg}: {hits[reg]:.0f} hits, {misses[reg]:.0f} misses"
+            for reg in sorted(set(hits) | set(misses))
+        ]
+        if hit + miss == 0:
+            return self.warn(
+                f"Spegel has had no mirror request yet; {last_text}",
+                "if this node pulled images since Spegel started, containerd is not sending them "
+                "to Spegel: see the containerd.* and hosts.* checks",
+                details,
+            )
+        ratio = hit / (hit + miss)
+        summary = f"hit ratio {ratio:.0%} ({hit:.0f} hits, {miss:.0f} misses); {last_text}"
+        if hit == 0:
+            return self.warn(
+                summary,
+                "no request found the image on a peer yet; pull an image on another node and "
+                "check again (spegel-node doctor --image REF)",
+                details,
+            )
+        return self.passed(summary, details)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+@dataclass(frozen=True)
+class SpegelImage(Check):
+    area: ClassVar[str] = "spegel"
+    image: ImageRef
+
+    @property
+    def id(self) -> str:
+        return "spegel.image"
+
+    def run(self, facts: Facts) -> CheckResult:
+        ref = self.image
+        url = facts.mirror_url + ref.manifest_path
+        shown = urlsplit(url).path + "?" + urlsplit(url).query
+        r = facts.http(
+            url, method="HEAD", timeout=facts.timeouts.mirror_s, headers={"Accept": MANIFEST_ACCEPT}
+        )
+        details = [f"HEAD {url} -> {r.describe()}"]
+        mirrored = facts.settings.default_mode or ref.registry in {
+            reg.host for reg in facts.settings.registries
+        }
+        if not mirrored:
+            details.append(
+                f"{ref.registry} is not in `registries`: containerd does not send its pulls to "
+                f'Spegel (add "https://{ref.registry}")'
+            )
+        if r.status == 200:
+            digest = r.headers.get("docker-content-digest", "")
+            at = f" ({digest})" if digest else ""
+            return self.passed(f"a peer can serve {ref}{at}", details)
+        if r.status == 404:
+            fix = (
+                f"no node has it in its content store yet: pull it on another node (crictl pull "
+                f"{ref}) and ask again; if a node has it, check that node (spegel-node doctor "
+                "there: discard_unpacked_layers must be false, and its Spegel must be ready)"
+            )
+            if not mirrored:
+                fix += f'\nand add "https://{ref.registry}" to registries, then `spegel-node apply`'
+            return self.fail(
+                f"no peer can serve {ref}: Spegel answered 404 for {shown}", fix, details
+            )
+        if r.status is not None:
+            return self.fail(
+                f"Spegel answered HTTP {r.status} for {shown}",
+                "read the Spegel pod's log on this node (" + POD_HINT + ")",
+                details,
+            )
+        return self.fail(
+            f"cannot ask Spegel about {ref}: {r.error}",
+            "Spegel must answer first (see spegel.v2)",
+            details,
+        )

@@ -1,0 +1,189 @@
+"""Remediation text a person can paste: config snippets in each flavor's own place, commands."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import TYPE_CHECKING
+
+from spegel_node.containerd_config import config_snippet
+from spegel_node.instructions import bottlerocket_settings, talos_patch
+
+if TYPE_CHECKING:
+    from spegel_node.doctor.facts import Facts
+
+RESTART: dict[str, str] = {
+    "k3s": "sudo systemctl restart k3s   # k3s-agent on agent nodes",
+    "rke2": "sudo systemctl restart rke2-server   # rke2-agent on agent nodes",
+    "k0s": "sudo systemctl restart k0sworker   # k0scontroller on controller+worker nodes",
+    "microk8s": "sudo snap restart microk8s",
+    "kind": "kind delete cluster && kind create cluster --config kind.yaml",
+    "talos": "talosctl --nodes NODE service cri restart",
+    "bottlerocket": "apiclient reboot",
+}
+DEFAULT_RESTART = "sudo systemctl restart containerd"
+APPLY = "spegel-node apply"
+TIMER_UNITS = ("spegel-node-repair.timer", "spegel-node-repair.path")
+ENABLE_TIMER = "sudo systemctl enable --now " + " ".join(TIMER_UNITS)
+
+
+CONFIGURABLE = ("containerd", "kind", "k0s")  # what `spegel-node configure-containerd` edits
+INSTALL_UNITS = "sudo spegel-node install-units && sudo systemctl daemon-reload"
+
+
+def restart_command(flavor: str | None) -> str:
+    """The restart command, with a trailing `# comment` for the node-role variant."""
+    return RESTART.get(flavor or "", DEFAULT_RESTART)
+
+
+def restart_only(flavor: str | None) -> str:
+    """The restart command alone, for use inside a sentence."""
+    return restart_command(flavor).split("#", 1)[0].rstrip()
+
+
+def apply_command(facts: Facts) -> str:
+    """`spegel-node apply`, with --root when doctor was given one."""
+    return _with_root(APPLY, facts)
+
+
+def configure_command(facts: Facts) -> str:
+    return _with_root("spegel-node configure-containerd", facts)
+
+
+def _with_root(command: str, facts: Facts) -> str:
+    if str(facts.node.root) != "/":
+        return f"{command} --root {facts.node.root}"
+    return command
+
+
+def indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line if line else line for line in text.rstrip("\n").split("\n"))
+
+
+def _snippet_version(facts: Facts, *, needs_v3: bool) -> int:
+    config = facts.config
+    if config is not None and not needs_v3:
+        return config.version
+    if needs_v3 or facts.containerd_version.at_least((2, 0, 0)):
+        return 3
+    return 2
+
+
+def cri_fix(
+    facts: Facts,
+    *,
+    config_path: str | None = None,
+    discard_unpacked_layers: bool | None = None,
+    use_local_image_pull: bool | None = None,
+) -> str:
+    """Where and how to set these CRI values on this node, then how to make containerd see them."""
+    flavor = facts.flavor or "containerd"
+    if flavor == "bottlerocket":
+        return (
+            "Bottlerocket renders containerd's config from its API settings (no hosts dir); set "
+            "the mirrors there instead:\n"
+            + indent(bottlerocket_settings(facts.settings.registries, facts.mirror_urls))
+        )
+    needs_v3 = use_local_image_pull is not None
+    version = 3 if flavor == "talos" else _snippet_version(facts, needs_v3=needs_v3)
+    snippet = config_snippet(
+        version,
+        config_path=config_path,
+        discard_unpacked_layers=discard_unpacked_layers,
+        use_local_image_pull=use_local_image_pull,
+    )
+    if flavor == "talos":
+        return _talos(snippet)
+    if flavor == "kind":
+        return (
+            "kind writes the node's containerd config from the cluster config; add to kind.yaml:\n"
+            "containerdConfigPatches:\n- |-\n"
+            + indent(snippet)
+            + f"\nthen recreate the cluster: {restart_command(flavor)}"
+        )
+    if flavor == "eks":
+        return (
+            "nodeadm renders /etc/containerd/config.toml; add to the NodeConfig (user data):\n"
+            "spec:\n  containerd:\n    config: |\n"
+            + indent(snippet, "      ")
+            + "\nthen replace the node (or edit /etc/containerd/config.toml and "
+            f"`{DEFAULT_RESTART}`)"
+        )
+    where = _where(facts, flavor, version)
+    note = ""
+    if flavor in CONFIGURABLE and use_local_image_pull is None:
+        note = f"\n(or let spegel-node make this change: `{configure_command(facts)}`)"
+    config = facts.config
+    if needs_v3 and config is not None and config.version < 3:
+        note = (
+            f"\n({config.path} is a version {config.version} file: migrate it first with "
+            "`containerd config migrate`; use_local_image_pull exists only in version 3)"
+        )
+    return f"{where}\n{indent(snippet)}{note}\nthen: {restart_command(flavor)}"
+
+
+def _where(facts: Facts, flavor: str, version: int) -> str:
+    layout = facts.layout
+    main = (layout.containerd_config if layout else None) or "/etc/containerd/config.toml"
+    if flavor in ("k3s", "rke2"):
+        return _rancher_where(facts, flavor, main, version)
+    if flavor == "k0s":
+        return (
+            "k0s generates containerd's CRI config; create the drop-in "
+            f"/etc/k0s/containerd.d/spegel-node.toml with `version = {version}` and:"
+        )
+    if flavor == "microk8s":
+        return (
+            "MicroK8s regenerates containerd.toml from "
+            "/var/snap/microk8s/current/args/containerd-template.toml; add there "
+            "(keys into an existing table of the same name):"
+        )
+    if facts.config is None:
+        return f"create {main} with `version = {version}` and:"
+    return f"add to {main} (put the keys into the existing table if it already has one):"
+
+
+def _rancher_where(facts: Facts, distro: str, main: str, version: int) -> str:
+    base = posixpath.dirname(main)
+    dropins = "config-v3.toml.d" if version >= 3 else "config.toml.d"
+    try:
+        text = (facts.read_file(main) or b"").decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    if dropins in text and version >= 3:
+        return (
+            f"{distro} rewrites {main} at every start; create {base}/{dropins}/50-spegel.toml with:"
+        )
+    template = "config-v3.toml.tmpl" if version >= 3 else "config.toml.tmpl"
+    return (
+        f"{distro} rewrites {main} at every start from {base}/{template}: copy {main} to "
+        f"{template} (dropping its first comment line) and set, in the existing tables:"
+    )
+
+
+def _talos(snippet: str) -> str:
+    patch = (
+        "machine:\n  files:\n    - path: /etc/cri/conf.d/20-customization.part\n"
+        "      op: create\n      content: |\n" + indent(snippet, "        ")
+    )
+    return (
+        "Talos builds containerd's config from its machine config; save as spegel-cri.yaml and "
+        "apply with `talosctl patch mc --nodes NODE --patch @spegel-cri.yaml` (Talos restarts "
+        "the CRI or asks for a reboot):\n" + patch
+    )
+
+
+def talos_mirrors(facts: Facts) -> str:
+    return (
+        "Talos generates /etc/cri/conf.d/hosts from its machine config; save as spegel.yaml and "
+        "apply with `talosctl patch mc --nodes NODE --patch @spegel.yaml`:\n"
+        + talos_patch(facts.settings.registries, facts.mirror_urls).rstrip("\n")
+    )
+
+
+def mirrors_fix(facts: Facts) -> str:
+    """How to get the Spegel mirror (back) into the hosts files on this flavor."""
+    if facts.flavor == "talos":
+        return talos_mirrors(facts)
+    if facts.flavor == "bottlerocket":
+        return cri_fix(facts)
+    return f"run `{apply_command(facts)}` (it puts the Spegel mirror first and keeps the rest)"
