@@ -356,6 +356,64 @@ def helm_values_command(
     return 0
 
 
+@app.command("install-units")
+def install_units_command(
+    unit_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--unit-dir",
+            help="Where to write the units, used as given [default: /etc/systemd/system under --root].",
+        ),
+    ] = None,
+    exec_path: Annotated[
+        str | None,
+        typer.Option(
+            "--exec",
+            help="The spegel-node executable on the node [default: the one running now].",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print a diff of the units; write nothing.")
+    ] = False,
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Write the systemd timer and path unit that run apply, for this node's hosts dir.
+
+    Renders spegel-node-repair.service (hardened oneshot `apply`), .timer (30 s after boot,
+    then every minute) and .path (one PathChanged= per mirrored registry's hosts.toml plus the
+    hosts dir). Writes only the files that changed; does not run systemctl. Run it again after
+    changing the registries or the hosts dir.
+
+    Examples:
+
+      spegel-node install-units && systemctl daemon-reload && systemctl enable --now spegel-node-repair.timer spegel-node-repair.path
+
+      spegel-node install-units --dry-run --exec /opt/spegel-node/bin/spegel-node
+    """
+    from spegel_node.apply import hosts_dir_of
+    from spegel_node.units import install_report, install_units
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    settings, layout = _settings_and_layout(common)
+    result = install_units(
+        common.node,
+        hosts_dir_of(layout),
+        settings.registries,
+        exec_path=exec_path,
+        unit_dir=unit_dir,
+        config=None if config is None else common.node.display(config.absolute()),
+        distro_owned=layout.flavor if layout.distro_owned else None,
+        dry_run=dry_run,
+    )
+    install_report(result, common.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; expected failures become one line on stderr and their exit code."""
     command = typer.main.get_command(app)
