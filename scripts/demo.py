@@ -18,6 +18,7 @@ in STEPS.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +62,39 @@ def spegel_node_binary() -> str:
     if found is None:
         raise SystemExit("demo: no spegel-node console script; run `make demo` (it builds .venv)")
     return found
+
+
+@dataclass
+class DoctorLine:
+    """One check in `spegel-node doctor`'s plain output: `[✗] spegel.v2  summary`, then the
+    indented details and remediation lines."""
+
+    symbol: str
+    summary: str
+    more: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.symbol == "✗"
+
+    @property
+    def text(self) -> str:
+        return "\n".join([self.summary, *self.more])
+
+
+def parse_doctor(output: str) -> dict[str, DoctorLine]:
+    """Check id -> its line, from doctor's plain (piped) output."""
+    checks: dict[str, DoctorLine] = {}
+    current: DoctorLine | None = None
+    for line in output.splitlines():
+        match = re.fullmatch(r"\[(.)\] (\S+)  (.*)", line)
+        if match:
+            current = checks[match[2]] = DoctorLine(match[1], match[3])
+        elif current is not None and line.startswith("    "):
+            current.more.append(line.strip())
+        else:
+            current = None
+    return checks
 
 
 @dataclass
@@ -116,6 +150,15 @@ class Demo:
                 + ("" if result.returncode == expect_exit else f" (got {result.returncode})"),
             )
         return result
+
+    def doctor(self, expect_exit: int) -> dict[str, DoctorLine]:
+        """Run `spegel-node doctor` (plain lines: stdout is a pipe); its checks by id."""
+        began = time.monotonic()
+        result = self.run("doctor", expect_exit=expect_exit)
+        took = time.monotonic() - began
+        self.expect(took < 5, f"doctor finished in {took:.2f}s (< 5 s)")
+        self.expect("s3cr3t" not in result.stdout, "no header value in doctor's report")
+        return parse_doctor(result.stdout)
 
     def expect(self, ok: bool, what: str) -> bool:
         self.checks += 1
@@ -261,13 +304,70 @@ def step_validate(demo: Demo) -> None:
 
 
 def step_doctor(demo: Demo) -> None:
-    probe = subprocess.run(
-        [demo.binary, "doctor", "--help"], capture_output=True, text=True, check=False
+    demo.step("Doctor: the whole chain, read-only; healthy, so it exits 0")
+    checks = demo.doctor(expect_exit=0)
+    failed = [name for name, line in checks.items() if line.failed]
+    demo.expect(not failed, f"no check fails{f' (failed: {failed})' if failed else ''}")
+    config_path = checks.get("containerd.config_path")
+    demo.expect(
+        config_path is not None and "from the running containerd" in config_path.summary,
+        "config_path comes live from containerd's CRI status",
     )
-    if probe.returncode != 0:
-        return  # not built yet
-    demo.step("Doctor: the whole chain, read-only")
-    demo.run("doctor")
+    v2 = checks.get("spegel.v2")
+    demo.expect(v2 is not None and v2.symbol == "✓", "spegel.v2: the mirror answers /v2/")
+
+
+def step_doctor_spegel_stopped(demo: Demo) -> None:
+    sb = demo.sandbox
+    demo.step("Doctor with Spegel stopped: spegel.v2 fails and says what to do")
+    sb.spegel.stop()
+    demo.say(f"(the Spegel stand-in on {sb.spegel.url} is stopped)")
+    try:
+        checks = demo.doctor(expect_exit=1)
+        v2 = checks.get("spegel.v2")
+        demo.expect(
+            v2 is not None and v2.failed and "connection refused" in v2.summary,
+            "spegel.v2 fails: connection refused",
+        )
+        demo.expect(
+            v2 is not None and "check the Spegel pod" in v2.text and "health gate" in v2.text,
+            "with its remediation: check the Spegel pod; the health gate withdraws the mirror",
+        )
+        failed = [name for name, line in checks.items() if line.failed]
+        demo.expect(failed == ["spegel.v2"], f"only spegel.v2 fails (failed: {', '.join(failed)})")
+    finally:
+        sb.spegel.start()
+    demo.say("(the Spegel stand-in is started again)")
+
+
+def step_doctor_broken_file(demo: Demo) -> None:
+    sb = demo.sandbox
+    name = f"hosts.{sb.upstream.host}"
+    demo.step("Doctor with a broken hosts.toml: containerd would drop it, doctor says why")
+    path = demo.registry_file
+    backup = path.read_bytes()
+    broken = backup.decode().replace('capabilities = ["pull", "resolve"]', 'capabilities = "pull"')
+    demo.expect(broken != backup.decode(), 'a person writes capabilities = "pull" (a string)')
+    path.write_text(broken)
+    try:
+        demo.show_file(path)
+        checks = demo.doctor(expect_exit=1)
+        hosts = checks.get(name)
+        demo.expect(
+            hosts is not None and hosts.failed and "capabilities.type" in hosts.summary,
+            f"{name} fails, naming the finding: capabilities.type",
+        )
+        demo.expect(
+            hosts is not None and "dropped by containerd" in hosts.summary,
+            "and what containerd does with such a file: drops it",
+        )
+        v2 = checks.get("spegel.v2")
+        demo.expect(v2 is not None and v2.symbol == "✓", "spegel.v2 passes again (restarted)")
+        demo.say("\ncontainerd agrees: with the file dropped, the pull skips Spegel:")
+        demo.prove(served_by="upstream")
+    finally:
+        path.write_bytes(backup)
+    demo.expect(path.read_bytes() == backup, "hosts.toml restored as apply wrote it")
 
 
 def step_remove(demo: Demo) -> None:
@@ -292,6 +392,8 @@ STEPS: Sequence[Callable[[Demo], None]] = (
     step_apply_again,
     step_validate,
     step_doctor,
+    step_doctor_spegel_stopped,
+    step_doctor_broken_file,
     step_remove,
     step_after,
 )

@@ -1,10 +1,13 @@
 """A fake containerd socket for fake node trees: a unix socket that answers containerd's gRPC
-`Version` and CRI `RuntimeService/Status` calls over cleartext HTTP/2, the way the real one
-does (checked against containerd 1.6.20 in test_doctor_sandbox.py), or misbehaves on purpose.
+`Version` and CRI `RuntimeService/Status` calls over cleartext HTTP/2 (served with `h2`), the way
+the real one does (checked against containerd 1.6.20 in test_doctor_sandbox.py), or misbehaves on
+purpose.
 
-Modes: "answer" (default); "hang" (accepts connections, never sends a byte); "no_cri" (answers
-Version, ends the Status call with a gRPC error and no message, as with the CRI plugin off);
-"garbage" (sends bytes that are not HTTP/2).
+Modes: "answer" (default); "hang" (accepts connections, never sends a byte); "handshake" (speaks
+HTTP/2, never answers a call); "close" (accepts, then closes the connection); "no_cri" (answers Version; Status gets containerd's trailers-only
+UNIMPLEMENTED, as with the CRI plugin disabled); "cri_error" (Status: headers, then trailers
+with INTERNAL and a percent-encoded message); "reset" (Status: RST_STREAM); "garbage" (sends
+bytes that are not HTTP/2).
 
 Builders in fake_nodes.py leave a regular file as the socket placeholder; entering the context
 replaces it with the listening socket (the placeholder comes back on exit).
@@ -16,22 +19,21 @@ import contextlib
 import json
 import os
 import socket
-import struct
 import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import DataReceived, RequestReceived, StreamEnded
+from h2.exceptions import H2Error
 
+from spegel_node.doctor.cri import grpc_frame
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([kind, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
+NO_CRI_MESSAGE = "unknown service runtime.v1.RuntimeService"  # containerd 1.6.20's words
+GRPC = ("content-type", "application/grpc")
 
 
 def _varint(n: int) -> bytes:
@@ -46,11 +48,6 @@ def _varint(n: int) -> bytes:
 
 def _field(number: int, value: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(value)) + value
-
-
-def _literal(name: str, value: str) -> bytes:
-    n, v = name.encode(), value.encode()
-    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
 
 
 def cri_config(
@@ -142,67 +139,74 @@ class FakeContainerd:
     # -- one connection
 
     def _serve(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, H2Error, StopIteration):
             conn.settimeout(5)
             if self.mode == "garbage":
                 conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
                 return
-            buf = self._read_exact(conn, len(PREFACE))
-            if buf != PREFACE:
+            if self.mode == "close":
+                conn.shutdown(socket.SHUT_RDWR)
                 return
-            conn.sendall(_frame(0x4, 0, 0))  # server SETTINGS
+            h2 = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+            h2.initiate_connection()
+            conn.sendall(h2.data_to_send())
             paths: dict[int, str] = {}
+            outbox: dict[int, bytearray] = {}  # replies waiting for flow-control window
             while not self._stop.is_set():
-                header = self._read_exact(conn, 9)
-                if header is None:
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
                     return
-                length = int.from_bytes(header[:3], "big")
-                kind, flags = header[3], header[4]
-                stream = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
-                payload = self._read_exact(conn, length) if length else b""
-                if payload is None:
-                    return
-                if kind == 0x1:
-                    paths[stream] = self._path_of(payload)
-                elif kind == 0x0 and flags & 0x1 and stream in paths:
-                    self.calls.append(paths[stream])
-                    conn.sendall(self._respond(stream, paths[stream]))
+                for event in h2.receive_data(chunk):
+                    if isinstance(event, RequestReceived):
+                        paths[event.stream_id] = next(v for k, v in event.headers if k == ":path")
+                    elif isinstance(event, DataReceived):
+                        h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, StreamEnded) and event.stream_id in paths:
+                        path = paths.pop(event.stream_id)
+                        self.calls.append(path)
+                        if self.mode != "handshake":
+                            reply = self._respond(h2, event.stream_id, path)
+                            if reply is not None:
+                                outbox[event.stream_id] = bytearray(reply)
+                _flush(h2, outbox)
+                conn.sendall(h2.data_to_send())
 
-    @staticmethod
-    def _read_exact(conn: socket.socket, n: int) -> bytes | None:
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                return None
-            data += chunk
-        return data
-
-    @staticmethod
-    def _path_of(block: bytes) -> str:
-        """`:path` from a header block of literals without indexing (what the client sends)."""
-        i = 0
-        while i < len(block) and block[i] == 0:
-            name_len = block[i + 1]
-            name = block[i + 2 : i + 2 + name_len].decode()
-            value_len = block[i + 2 + name_len]
-            start = i + 3 + name_len
-            value = block[start : start + value_len].decode()
-            if name == ":path":
-                return value
-            i = start + value_len
-        return ""
-
-    def _respond(self, stream: int, path: str) -> bytes:
-        head = _frame(0x1, 0x4, stream, _literal(":status", "200"))
+    def _respond(self, h2: H2Connection, stream: int, path: str) -> bytes | None:
+        """Answer a call: the reply's gRPC bytes (sent as the window allows), or None when done."""
+        status = path.endswith("/Status")
         if path.endswith("/Version"):
             message = _field(1, self.version.encode()) + _field(2, b"fake-revision")
-        elif path.endswith("/Status") and self.mode != "no_cri":
+        elif status and self.mode == "reset":
+            h2.reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
+            return None
+        elif status and self.mode == "cri_error":
+            h2.send_headers(stream, [(":status", "200"), GRPC])
+            trailers = [("grpc-status", "13"), ("grpc-message", "boom: 100%25 broken")]
+            h2.send_headers(stream, trailers, end_stream=True)
+            return None
+        elif status and self.mode != "no_cri":
             entry = _field(1, b"config") + _field(2, json.dumps(self.config).encode())
             message = _field(2, entry)
-        else:
-            trailers = _literal("grpc-status", "12") + _literal("grpc-message", "unimplemented")
-            return _frame(0x1, 0x5, stream, _literal(":status", "200") + trailers)
-        body = b"\x00" + struct.pack(">I", len(message)) + message
-        trailers = _frame(0x1, 0x5, stream, _literal("grpc-status", "0"))
-        return head + _frame(0x0, 0, stream, body) + trailers
+        else:  # trailers-only, like containerd for a service it does not serve
+            error = [("grpc-status", "12"), ("grpc-message", NO_CRI_MESSAGE)]
+            h2.send_headers(stream, [(":status", "200"), GRPC, *error], end_stream=True)
+            return None
+        h2.send_headers(stream, [(":status", "200"), GRPC])
+        return grpc_frame(message)
+
+
+def _flush(h2: H2Connection, outbox: dict[int, bytearray]) -> None:
+    """Send what the client's flow-control windows allow; the trailers once a reply is sent."""
+    for stream, pending in list(outbox.items()):
+        while pending:
+            room = min(h2.local_flow_control_window(stream), h2.max_outbound_frame_size)
+            if room <= 0:
+                break
+            h2.send_data(stream, bytes(pending[:room]))
+            del pending[:room]
+        if not pending:
+            del outbox[stream]
+            h2.send_headers(stream, [("grpc-status", "0"), ("grpc-message", "")], end_stream=True)

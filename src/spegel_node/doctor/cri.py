@@ -1,11 +1,13 @@
 """Ask the running containerd over its socket: its version, and the live CRI config.
 
-A minimal gRPC client over cleartext HTTP/2, enough for two unary calls with tiny requests:
-containerd's `Version` service and CRI `RuntimeService/Status` with `verbose` (the call behind
-`crictl info`; its `info["config"]` is the CRI config containerd actually runs with). Request
-headers are sent as HPACK literals (no Huffman, no dynamic table) and the server's header blocks
-are skipped, so no HPACK decoder is needed. Works wherever the socket is reachable, also from a
-pod with the host at /host. Never raises: the answer says what happened.
+Two unary gRPC calls over cleartext HTTP/2 on the unix socket: containerd's `Version` service and
+CRI `RuntimeService/Status` with `verbose` (the call behind `crictl info`; its `info["config"]` is
+the CRI config containerd actually runs with). HTTP/2 itself (framing, settings, HPACK, flow
+control) is the `h2` library's, imported only when a socket is asked; each call's outcome is its
+gRPC status (`grpc-status`/`grpc-message` in the trailers, or in the headers of a trailers-only
+answer), so e.g. CRI answering UNIMPLEMENTED is reported as such. The two replies are read with
+just enough protobuf (no generated code). Works wherever the socket is reachable, also from a pod
+with the host at /host. Never raises: the answer says what happened.
 """
 
 from __future__ import annotations
@@ -14,20 +16,29 @@ import contextlib
 import os
 import socket
 import stat
-import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+if TYPE_CHECKING:
+    from h2.connection import H2Connection
 
 VERSION_PATH = "/containerd.services.version.v1.Version/Version"
 STATUS_PATH = "/runtime.v1.RuntimeService/Status"
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-WINDOW = 1 << 20
+STATUS_VERBOSE = b"\x08\x01"  # StatusRequest{verbose: true}
 MAX_ANSWER = 8 << 20
-_DATA, _HEADERS, _RST, _SETTINGS, _PING, _GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
-_END_STREAM, _ACK, _PADDED = 0x1, 0x1, 0x8
-_VERSION_STREAM, _STATUS_STREAM = 1, 3
+# fmt: off
+GRPC_CODES = (  # gRPC status codes, by number
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)
+# fmt: on
+UNIMPLEMENTED = 12
+_SETTINGS = 0x4
 _SUN_PATH_MAX = 100  # sun_path holds 108 bytes; longer paths go through /proc/self/fd
 
 
@@ -47,28 +58,37 @@ class SocketAnswer:
 def query(path: Path, timeout: float) -> SocketAnswer:
     """Version and CRI status of the containerd listening on the unix socket at `path`."""
     started = time.monotonic()
-    result = _query(path, timeout, started + timeout)
+    not_asked = _not_a_socket(path)
+    if not_asked is not None:
+        return replace(not_asked, elapsed_s=time.monotonic() - started)
+    conn = _h2_connection()
+    started = time.monotonic()  # the socket's time, not h2's import
+    result = _ask(path, conn, timeout, started + timeout)
     return replace(result, elapsed_s=time.monotonic() - started)
 
 
-def _query(path: Path, timeout: float, deadline: float) -> SocketAnswer:
-    answer = SocketAnswer
+def _not_a_socket(path: Path) -> SocketAnswer | None:
     try:
         st = path.lstat()
     except FileNotFoundError:
-        return answer("missing", "does not exist")
+        return SocketAnswer("missing", "does not exist")
     except OSError as e:
-        return answer("error", f"cannot be read: {e.strerror}")
+        return SocketAnswer("error", f"cannot be read: {e.strerror}")
     if stat.S_ISLNK(st.st_mode):
         try:
             st = path.stat()
         except OSError:
-            return answer("missing", "is a dangling symlink")
+            return SocketAnswer("missing", "is a dangling symlink")
     if not stat.S_ISSOCK(st.st_mode):
-        return answer("not_socket", "exists but is not a socket")
+        return SocketAnswer("not_socket", "exists but is not a socket")
+    return None
+
+
+def _ask(path: Path, conn: H2Connection, timeout: float, deadline: float) -> SocketAnswer:
+    answer = SocketAnswer
     try:
         with _connected(path, timeout) as sock:
-            return _exchange(sock, deadline, timeout)
+            return _exchange(sock, conn, deadline, timeout)
     except ConnectionRefusedError:
         return answer("refused", "refuses connections (a stale socket: containerd is not running)")
     except FileNotFoundError:
@@ -99,120 +119,195 @@ def _connected(path: Path, timeout: float) -> Iterator[socket.socket]:
         sock.close()
 
 
-# ---------------------------------------------------------------- HTTP/2 + gRPC
+# ---------------------------------------------------------------- gRPC over h2
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([kind, flags])
-        + struct.pack(">I", stream)
-        + payload
+def _h2_connection() -> H2Connection:
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    return H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message, uncompressed."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+@dataclass
+class _Call:
+    """One unary call and its answer as it arrives."""
+
+    path: str
+    http_status: str = ""
+    grpc_status: int | None = None
+    grpc_message: str = ""
+    data: bytearray = field(default_factory=bytearray)
+    ended: bool = False
+    reset: str = ""  # the RST_STREAM error code's name
+    cut: str = ""  # why the connection ended before the call did
+
+    def take(self, headers: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        for raw_name, raw_value in headers:
+            name, value = _text(raw_name), _text(raw_value)
+            if name == ":status":
+                self.http_status = value
+            elif name == "grpc-status":
+                self.grpc_status = int(value) if value.isdigit() else 2  # UNKNOWN
+            elif name == "grpc-message":
+                self.grpc_message = unquote(value)  # percent-encoded on the wire
+
+    @property
+    def reply(self) -> bytes | None:
+        """The reply message; None unless the call ended with gRPC status OK."""
+        if not self.ended or self.http_status != "200" or self.grpc_status != 0:
+            return None
+        return _message(bytes(self.data))
+
+    def failure(self, timeout: float) -> str:
+        """Why there is no reply, to follow "the <call> call"."""
+        if self.reset:
+            return f"was reset ({self.reset})"
+        if not self.ended:
+            return self.cut or f"did not answer within {timeout:g}s"
+        if self.http_status != "200":
+            return f"answered HTTP {self.http_status or 'without a status'}, not gRPC"
+        if self.grpc_status is None:
+            return "ended without a gRPC status"
+        if self.grpc_status != 0:
+            code = self.grpc_status
+            name = GRPC_CODES[code] if code < len(GRPC_CODES) else f"gRPC status {code}"
+            return f"answered {name}" + (f" ({self.grpc_message})" if self.grpc_message else "")
+        return "answered OK without a message"
+
+
+def _name(code: object) -> str:
+    """An HTTP/2 error code's name (h2 gives known codes as an IntEnum)."""
+    return str(getattr(code, "name", f"error code {code}"))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _send(sock: socket.socket, conn: H2Connection) -> None:
+    pending = conn.data_to_send()
+    if pending:
+        sock.sendall(pending)
+
+
+def _exchange(
+    sock: socket.socket, conn: H2Connection, deadline: float, timeout: float
+) -> SocketAnswer:
+    from h2.events import (
+        ConnectionTerminated,
+        DataReceived,
+        ResponseReceived,
+        StreamEnded,
+        StreamReset,
+        TrailersReceived,
     )
+    from h2.exceptions import H2Error
 
-
-def _literal(name: str, value: str) -> bytes:
-    """An HPACK "literal header field without indexing, new name", no Huffman (lengths < 127)."""
-    n, v = name.encode(), value.encode()
-    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
-
-
-def _call(stream: int, path: str, message: bytes) -> bytes:
-    headers = b"".join(
-        _literal(k, v)
-        for k, v in (
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "containerd"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
+    conn.initiate_connection()
+    version_call, status_call = _Call(VERSION_PATH), _Call(STATUS_PATH)
+    calls: dict[int, _Call] = {}
+    for call, message in ((version_call, b""), (status_call, STATUS_VERBOSE)):
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", call.path),
+                (":authority", "containerd"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
         )
-    )
-    body = b"\x00" + struct.pack(">I", len(message)) + message
-    return _frame(_HEADERS, 0x4, stream, headers) + _frame(_DATA, _END_STREAM, stream, body)
-
-
-def request_bytes() -> bytes:
-    """What the client sends: preface, settings, window, the Version and Status calls."""
-    settings = struct.pack(">HI", 0x4, WINDOW)  # SETTINGS_INITIAL_WINDOW_SIZE
-    return (
-        PREFACE
-        + _frame(_SETTINGS, 0, 0, settings)
-        + _frame(0x8, 0, 0, struct.pack(">I", WINDOW - 65535))  # WINDOW_UPDATE, connection
-        + _call(_VERSION_STREAM, VERSION_PATH, b"")
-        + _call(_STATUS_STREAM, STATUS_PATH, b"\x08\x01")  # StatusRequest{verbose: true}
-    )
-
-
-def _exchange(sock: socket.socket, deadline: float, timeout: float) -> SocketAnswer:
-    sock.sendall(request_bytes())
-    data: dict[int, bytearray] = {_VERSION_STREAM: bytearray(), _STATUS_STREAM: bytearray()}
-    ended: set[int] = set()
-    buf = bytearray()
-    heard = False
-    goaway = False
-    while len(ended) < 2 and not goaway:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        buf += chunk
-        if not heard and len(buf) >= 9 and (buf[3] != _SETTINGS or int.from_bytes(buf[5:9], "big")):
-            return SocketAnswer(
-                "error", "answers, but not with HTTP/2: is this containerd's socket?"
-            )
-        heard = heard or len(buf) >= 9
-        if len(buf) > MAX_ANSWER:
-            break
-        while len(buf) >= 9:
-            length = int.from_bytes(buf[:3], "big")
-            if len(buf) < 9 + length:
+        conn.send_data(stream, grpc_frame(message), end_stream=True)
+        calls[stream] = call
+    head = b""  # the first 9 bytes: the server's preface must start with a SETTINGS frame
+    received = 0
+    cut = ""
+    try:
+        _send(sock, conn)
+        while not cut and not all(call.ended for call in calls.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 break
-            kind, flags = buf[3], buf[4]
-            stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
-            payload = bytes(buf[9 : 9 + length])
-            del buf[: 9 + length]
-            if kind == _SETTINGS and not flags & _ACK:
-                sock.sendall(_frame(_SETTINGS, _ACK, 0))
-            elif kind == _PING and not flags & _ACK:
-                sock.sendall(_frame(_PING, _ACK, 0, payload))
-            elif kind == _GOAWAY:
-                goaway = True
-            elif kind == _DATA and stream in data:
-                if flags & _PADDED and payload:
-                    payload = payload[1 : len(payload) - payload[0]]
-                data[stream] += payload
-            if stream in data and (
-                kind == _RST or (kind in (_DATA, _HEADERS) and flags & _END_STREAM)
-            ):
-                ended.add(stream)
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                cut = "was cut: containerd closed the connection"
+                break
+            if len(head) < 9:
+                head += chunk[: 9 - len(head)]
+                if len(head) == 9 and (head[3] != _SETTINGS or any(head[5:9])):
+                    return SocketAnswer(
+                        "error", "answers, but not with HTTP/2: is this containerd's socket?"
+                    )
+            received += len(chunk)
+            if received > MAX_ANSWER:
+                return SocketAnswer("error", f"answered more than {MAX_ANSWER >> 20} MiB")
+            for event in conn.receive_data(chunk):
+                if isinstance(event, ConnectionTerminated):
+                    cut = f"was cut: containerd ended the connection (GOAWAY {_name(event.error_code)})"
+                    continue
+                answering = calls.get(getattr(event, "stream_id", 0) or 0)
+                if answering is None:
+                    continue
+                if isinstance(event, ResponseReceived | TrailersReceived):
+                    answering.take(event.headers)
+                elif isinstance(event, DataReceived):
+                    answering.data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, StreamEnded):
+                    answering.ended = True
+                elif isinstance(event, StreamReset):
+                    answering.ended, answering.reset = True, _name(event.error_code)
+            _send(sock, conn)
+    except TimeoutError:
+        pass  # the deadline: judged below from what did arrive
+    except H2Error as e:
+        return SocketAnswer("error", f"broke the HTTP/2 protocol: {e}")
+    except (ConnectionResetError, BrokenPipeError):
+        cut = "was cut: containerd closed the connection"
+    for call in calls.values():
+        call.cut = cut
+    return _answer(version_call, status_call, heard=bool(head), cut=cut, timeout=timeout)
+
+
+def _answer(
+    version_call: _Call, status_call: _Call, *, heard: bool, cut: str, timeout: float
+) -> SocketAnswer:
     if not heard:
+        if cut:
+            return SocketAnswer("error", "accepts connections but closes them without answering")
         return SocketAnswer(
             "no_answer", f"accepts connections but did not answer within {timeout:g}s"
         )
-    version = _message(bytes(data[_VERSION_STREAM]))
-    status = _message(bytes(data[_STATUS_STREAM]))
+    version, status = version_call.reply, status_call.reply
     if version is None and status is None:
-        if len(ended) < 2 and not goaway:
+        if not cut and not version_call.ended and not status_call.ended:
             return SocketAnswer(
                 "no_answer", f"answered the handshake but not the calls within {timeout:g}s"
             )
-        return SocketAnswer("error", "answered, but not as containerd (no gRPC Version answer)")
+        return SocketAnswer(
+            "error",
+            "answered, but not as containerd: the Version call "
+            f"{version_call.failure(timeout)}, the CRI Status call {status_call.failure(timeout)}",
+        )
     fields = dict(_strings(version)) if version is not None else {}
     info: dict[str, str] = {}
     status_error = ""
     if status is None:
-        status_error = "the CRI Status call returned nothing (CRI plugin disabled?)"
+        status_error = f"the CRI Status call {status_call.failure(timeout)}"
+        if status_call.grpc_status == UNIMPLEMENTED:
+            status_error += ": the CRI plugin is not loaded"
     else:
         for number, entry in _fields(status):
-            if number == 2 and isinstance(entry, bytes):
+            if number == 2 and isinstance(entry, bytes):  # map<string, string> info = 2
                 kv = dict(_strings(entry))
                 info[kv.get(1, "")] = kv.get(2, "")
     return SocketAnswer(
@@ -226,7 +321,7 @@ def _exchange(sock: socket.socket, deadline: float, timeout: float) -> SocketAns
 
 
 def _message(body: bytes) -> bytes | None:
-    """The one uncompressed gRPC message in a stream's DATA, None if there is none."""
+    """The one uncompressed gRPC message in a call's DATA, None if there is none."""
     if len(body) < 5 or body[0] != 0:
         return None
     length = int.from_bytes(body[1:5], "big")
@@ -261,6 +356,8 @@ def _fields(b: bytes) -> Iterator[tuple[int, int | bytes]]:
                 yield number, value
             elif wire == 2:
                 n, i = _varint(b, i)
+                if i + n > len(b):
+                    return
                 yield number, b[i : i + n]
                 i += n
             elif wire == 1:
