@@ -1,0 +1,565 @@
+"""spegel-node benchmarks: wall time and peak RSS of the real console script, as medians.
+
+    .venv/bin/python benchmarks/run.py            # or: make bench
+    .venv/bin/python benchmarks/run.py --runs 5   # quicker, noisier
+    .venv/bin/python benchmarks/run.py --no-dev   # skip the dev-venv comparison
+
+Every command runs as a subprocess of the `spegel-node` console script of a CLEAN venv: one with
+only the project and its runtime dependencies (`pip install <repo>`, no [dev] extras), as the
+Ansible role installs it on a node. That venv is built once and cached (see --cache); the project
+is reinstalled into it whenever pyproject.toml or src/ changed. The dev venv (.venv, editable,
+with the dev tools) is measured for comparison on a few commands.
+
+Each figure is the median over --runs runs, and sits next to a baseline measured in the same
+invocation, interleaved run by run with it (a loaded machine slows both alike):
+`python -c pass` for `--version`, and `spegel-node --version` (the start-up cost alone) for the
+commands that do work. apply runs on fake node trees under --root (--no-gate, or gating on a
+local /v2/ server), so the time is the agent's own work; doctor runs on the sandbox node (a real
+containerd and a real registry as Spegel on loopback, tests/support/sandbox.py). Peak RSS is
+ru_maxrss of each child (os.wait4).
+
+Benchmarks print figures; they do not pass or fail on them. The script exits non-zero when a
+command it runs fails (an unexpected exit code or output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from support import fake_nodes  # noqa: E402
+from support.sandbox import HangingServer, Sandbox, missing_binaries  # noqa: E402
+
+HOSTS_DIR = "/etc/containerd/certs.d"
+BUDGETS = {
+    "version": ("--version", 0.150),
+    "apply_200": ("no-op apply, 200 registries", 0.400),
+    "doctor_healthy": ("doctor, healthy node", 0.700),
+    "doctor_hung": ("doctor, Spegel hung", 3.5),
+}
+RSS_BUDGET_MB = 60.0
+
+
+class BenchError(RuntimeError):
+    """A command the benchmark runs failed."""
+
+
+# ---------------------------------------------------------------- running one command
+
+
+@dataclass
+class Sample:
+    wall_s: float
+    maxrss_kb: int
+
+
+@dataclass
+class Series:
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(s.wall_s for s in self.samples)
+
+    @property
+    def rss_mb(self) -> float:
+        return max(s.maxrss_kb for s in self.samples) / 1024
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # This workplace sets PYTHONDONTWRITEBYTECODE; real nodes do not. Without it the dev venv's
+    # editable src/ keeps its .pyc files like any install (the clean venv has them from pip).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["TERM"] = "dumb"
+    return env
+
+
+def run_once(argv: Sequence[str], expect: Sequence[int] = (0,), check: str = "") -> Sample:
+    """Run argv, wait with os.wait4 for its rusage; BenchError on an unexpected result."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=child_env()
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    if proc.returncode not in expect or (check and check not in stdout):
+        raise BenchError(
+            f"{' '.join(argv)}: exit {proc.returncode} (expected {list(expect)})"
+            + (f", output lacks {check!r}" if check and check not in stdout else "")
+            + f"\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}"
+        )
+    return Sample(wall, usage.ru_maxrss)
+
+
+@dataclass
+class Cmd:
+    argv: list[str]
+    expect: tuple[int, ...] = (0,)
+    check: str = ""  # text the output must contain (checked every run)
+    before: Callable[[], None] | None = None  # untimed setup before every run
+
+    def run(self) -> Sample:
+        if self.before is not None:
+            self.before()
+        return run_once(self.argv, self.expect, self.check)
+
+
+def measure(cmds: Sequence[Cmd], runs: int) -> list[Series]:
+    """Interleave the commands run by run (one warm-up each first, not counted)."""
+    for cmd in cmds:
+        cmd.run()
+    series = [Series() for _ in cmds]
+    for _ in range(runs):
+        for cmd, s in zip(cmds, series, strict=True):
+            s.samples.append(cmd.run())
+    return series
+
+
+# ---------------------------------------------------------------- venvs
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for base in paths:
+        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
+        for p in files:
+            if "__pycache__" in p.parts:
+                continue
+            h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _pip(venv: Path, *args: str) -> None:
+    done = subprocess.run(
+        [str(venv / "bin/python"), "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(
+            f"pip {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+
+
+def project_source(rev: str | None, tmp: Path) -> tuple[Path, str]:
+    """The project to install: the work tree, or commit `rev` exported to `tmp`; and its key."""
+    if rev is None:
+        return REPO, "tree-" + _digest([REPO / "pyproject.toml", REPO / "src"])
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    src = tmp / f"src-{commit[:12]}"
+    src.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "pyproject.toml", "README.md", "src"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    return src, "commit-" + commit
+
+
+def clean_venv(cache: Path, source: Path, key: str) -> Path:
+    """A venv with the project and its runtime dependencies only: the dependencies installed
+    once per dependency list, the project reinstalled when `key` (its source) changes."""
+    project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
+    deps = json.dumps([sys.version, project.get("dependencies", [])]).encode()
+    venv = cache / f"venv-{hashlib.sha256(deps).hexdigest()[:16]}"
+    if not (venv / ".deps-done").exists():
+        print(f"building the clean venv {venv} (once per dependency list) ...", flush=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        _pip(venv, "install", "-q", str(source))
+        (venv / ".deps-done").write_text("")
+    stamp = venv / ".installed"
+    if not stamp.exists() or stamp.read_text() != key:
+        print(f"installing the project into the clean venv ({key}) ...", flush=True)
+        _pip(venv, "install", "-q", "--no-deps", "--force-reinstall", str(source))
+        stamp.write_text(key)
+    return venv
+
+
+def runtime_packages(venv: Path) -> str:
+    done = subprocess.run(
+        [str(venv / "bin/python"), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    skip = ("pip==", "setuptools==", "spegel-node==")
+    return ", ".join(line for line in done.stdout.split() if not line.startswith(skip))
+
+
+# ---------------------------------------------------------------- node trees
+
+
+def registries(n: int) -> list[str]:
+    return [f"https://registry-{i:03d}.example.com" for i in range(n)]
+
+
+def make_node(base: Path, n: int, *, host_port: int = 29999) -> Path:
+    """A kubeadm + containerd node (config_path set) with a config naming n registries."""
+    root = base / f"node-{n}-{host_port}"
+    fake_nodes.make_containerd(root, config_path=HOSTS_DIR)
+    regs = ", ".join(f'"{r}"' for r in registries(n))
+    fake_nodes.write(
+        root,
+        "/etc/spegel-node/config.toml",
+        f'node_ip = "127.0.0.1"\nhost_port = {host_port}\nregistries = [{regs}]\n',
+    )
+    return root
+
+
+def distro_file(registry: str) -> str:
+    """A hosts.toml as a distro or a person writes it, without Spegel."""
+    host = registry.removeprefix("https://")
+    return (
+        f"# written by the node's provisioning\n"
+        f'server = "{registry}"\n\n'
+        f'[host."https://mirror.{host}"]\n'
+        f'  capabilities = ["pull", "resolve"]\n'
+        f"  skip_verify = false\n"
+    )
+
+
+def seed_distro_files(root: Path, n: int) -> None:
+    for r in registries(n):
+        fake_nodes.write(
+            root, f"{HOSTS_DIR}/{r.removeprefix('https://')}/hosts.toml", distro_file(r)
+        )
+
+
+# ---------------------------------------------------------------- a /v2/ server for the gate
+
+
+class _V2(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        ok = self.path == "/v2/"
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Length", "2")
+        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def v2_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _V2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Row:
+    key: str
+    what: str
+    series: Series
+    baseline: str
+    base: Series
+
+    def line(self) -> str:
+        m, b = self.series.median_s, self.base.median_s
+        return (
+            f"{self.what:<44} {m * 1000:8.0f} ms   {self.baseline:<26} {b * 1000:6.0f} ms"
+            f"   +{(m - b) * 1000:6.0f} ms   {self.series.rss_mb:5.1f} MB"
+        )
+
+
+HEADER = (
+    f"{'command':<44} {'median':>11}   {'baseline':<26} {'median':>9}   {'over it':>9}   "
+    f"{'peak RSS':>8}"
+)
+
+
+def machine() -> list[str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return [
+        f"machine: {len(os.sched_getaffinity(0))} CPUs (nproc), {model}, "
+        f"{platform.system()} {platform.release()}",
+        f"python: {platform.python_version()} ({getattr(sys, '_base_executable', sys.executable)})",
+        "load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    ]
+
+
+def section(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+# ---------------------------------------------------------------- the scenarios
+
+
+def bench_version(bin_dir: Path, runs: int, label: str) -> Row:
+    version, base = measure(
+        [
+            Cmd([str(bin_dir / "spegel-node"), "--version"], check="spegel-node "),
+            Cmd([str(bin_dir / "python"), "-c", "pass"]),
+        ],
+        runs * 2,
+    )
+    return Row("version", f"spegel-node --version ({label})", version, "python -c pass", base)
+
+
+def bench_apply(bin_dir: Path, tmp: Path, runs: int, sizes: Sequence[int]) -> list[Row]:
+    exe = str(bin_dir / "spegel-node")
+    version = Cmd([exe, "--version"])
+    rows: list[Row] = []
+    for n in sizes:
+        root = make_node(tmp, n)
+        argv = [exe, "apply", "--no-gate", "--root", str(root)]
+        run_once(argv, check=f"{n} files changed")  # the first apply creates every file
+        cmd = Cmd(argv, check="nothing to change")
+        s, b = measure([cmd, version], runs)
+        key = f"apply_{n}"
+        rows.append(Row(key, f"apply, nothing to change, {n} registries", s, "--version", b))
+        print(rows[-1].line(), flush=True)
+    return rows
+
+
+def bench_apply_repair(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
+    """Every hosts.toml rewritten without Spegel since the last apply (as k3s does at start)."""
+    exe = str(bin_dir / "spegel-node")
+    root = make_node(tmp / "repair", n)
+    seed_distro_files(root, n)
+    argv = [exe, "apply", "--no-gate", "--root", str(root)]
+    run_once(argv, check=f"{n} files changed")
+    cmd = Cmd(argv, check=f"{n} files changed", before=lambda: seed_distro_files(root, n))
+    s, b = measure([cmd, Cmd([exe, "--version"])], runs)
+    return Row("apply_repair", f"apply, repairing all {n} files", s, "--version", b)
+
+
+def bench_apply_gate(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
+    exe = str(bin_dir / "spegel-node")
+    with v2_server() as port:
+        root = make_node(tmp / "gate", n, host_port=port)
+        argv = [exe, "apply", "--root", str(root)]
+        run_once(argv, check=f"{n} files changed")
+        cmd = Cmd(argv, check="HTTP 200; mirror advertised")
+        s, b = measure([cmd, Cmd([exe, "--version"])], runs)
+    return Row("apply_gate", f"apply, nothing to change, {n} reg., gate on", s, "--version", b)
+
+
+def bench_validate(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
+    exe = str(bin_dir / "spegel-node")
+    root = make_node(tmp / "validate", n)
+    run_once([exe, "apply", "--no-gate", "--root", str(root)])
+    cmd = Cmd([exe, "validate", "--root", str(root)], check=f"{n} files checked: 0 error(s)")
+    s, b = measure([cmd, Cmd([exe, "--version"])], runs)
+    return Row("validate", f"validate, hosts dir of {n} registries", s, "--version", b)
+
+
+def sandbox_root(sandbox: Sandbox, base: Path) -> Path:
+    """A node root whose node paths point into the sandbox (as tests/test_doctor_sandbox.py)."""
+    root = base / "sandbox-node"
+    links = {
+        "/run/containerd/containerd.sock": sandbox.containerd.socket,
+        str(sandbox.containerd.socket): sandbox.containerd.socket,
+        "/etc/containerd/config.toml": sandbox.containerd.config_path,
+        str(sandbox.hosts_dir): sandbox.hosts_dir,
+    }
+    for node_path, target in links.items():
+        link = root / node_path.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+    fake_nodes.write(
+        root,
+        "/etc/spegel-node/config.toml",
+        f'node_ip = "127.0.0.1"\nhost_port = {sandbox.spegel.port}\n'
+        f'registries = ["{sandbox.upstream.url}"]\n',
+    )
+    return root
+
+
+def bench_doctor(bin_dirs: dict[str, Path], tmp: Path, runs: int) -> list[Row]:
+    missing = missing_binaries()
+    if missing:
+        print(f"doctor: skipped, the sandbox needs {', '.join(missing)} (make bench installs them)")
+        return []
+    rows: list[Row] = []
+    clean = bin_dirs["clean"]
+    with Sandbox() as sandbox:
+        root = sandbox_root(sandbox, tmp)
+        run_once([str(clean / "spegel-node"), "apply", "--no-gate", "--root", str(root)])
+
+        def doctor(bin_dir: Path, expect: int, check: str) -> Cmd:
+            argv = [str(bin_dir / "spegel-node"), "doctor", "--root", str(root)]
+            return Cmd(argv, (expect,), check)
+
+        def version(bin_dir: Path) -> Cmd:
+            return Cmd([str(bin_dir / "spegel-node"), "--version"])
+
+        for label, bin_dir in bin_dirs.items():
+            s, b = measure([doctor(bin_dir, 0, "answered HTTP 200"), version(bin_dir)], runs)
+            key = "doctor_healthy" if label == "clean" else f"doctor_healthy_{label}"
+            suffix = "" if label == "clean" else f" ({label})"
+            rows.append(Row(key, f"doctor, healthy sandbox node{suffix}", s, "--version", b))
+            print(rows[-1].line(), flush=True)
+        sandbox.spegel.stop()
+        s, b = measure([doctor(clean, 1, "connection refused"), version(clean)], runs)
+        rows.append(Row("doctor_down", "doctor, Spegel down (refused)", s, "--version", b))
+        print(rows[-1].line(), flush=True)
+        with HangingServer(sandbox.spegel.port):
+            hung_runs = max(3, runs // 3)
+            s, b = measure([doctor(clean, 1, "Spegel is hung"), version(clean)], hung_runs)
+        rows.append(Row("doctor_hung", "doctor, Spegel hung (accepts, silent)", s, "--version", b))
+        print(rows[-1].line(), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per figure (median)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "spegel-node-bench",
+        help="where the clean venv is kept",
+    )
+    parser.add_argument("--no-dev", action="store_true", help="skip the dev-venv comparison")
+    parser.add_argument(
+        "--rev",
+        help="measure this commit (git archive) instead of the work tree, e.g. HEAD or HEAD~1",
+    )
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    for line in machine():
+        print(line)
+    dev = REPO / ".venv/bin"
+    if args.rev is not None:
+        args.no_dev = True  # the dev venv runs the work tree (editable)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="spegel-node-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        source, key = project_source(args.rev, tmp)
+        clean = clean_venv(args.cache, source, key) / "bin"
+        print(f"measuring: {key}")
+        print(f"clean venv: {clean.parent} ({runtime_packages(clean.parent)})")
+        bin_dirs = {"clean": clean}
+        if not args.no_dev and (dev / "spegel-node").exists():
+            bin_dirs["dev venv"] = dev
+        code = run_all(args, bin_dirs, tmp, rows)
+    if code:
+        return code
+    summary(rows)
+    print(
+        f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"benchmark took {time.monotonic() - started:.0f} s"
+    )
+    return 0
+
+
+def run_all(args: argparse.Namespace, bin_dirs: dict[str, Path], tmp: Path, rows: list[Row]) -> int:
+    clean = bin_dirs["clean"]
+    print(
+        f"medians of {args.runs} runs (Spegel hung: {max(3, args.runs // 3)}), interleaved with "
+        "the baseline; 'over it' = median - baseline median"
+    )
+    try:
+        section("start-up")
+        print(HEADER)
+        for label, bin_dir in bin_dirs.items():
+            rows.append(bench_version(bin_dir, args.runs, label))
+            print(rows[-1].line(), flush=True)
+        section("apply (fake node trees under --root)")
+        print(HEADER)
+        rows += bench_apply(clean, tmp, args.runs, (5, 50, 200, 500))
+        if "dev venv" in bin_dirs:
+            dev_rows = bench_apply(bin_dirs["dev venv"], tmp / "dev", args.runs, (200,))
+            dev_rows[0].key, dev_rows[0].what = "apply_200_dev", dev_rows[0].what + " (dev)"
+            rows += dev_rows
+        rows.append(bench_apply_repair(clean, tmp, args.runs, 200))
+        print(rows[-1].line(), flush=True)
+        rows.append(bench_apply_gate(clean, tmp, args.runs, 200))
+        print(rows[-1].line(), flush=True)
+        section("validate")
+        print(HEADER)
+        rows.append(bench_validate(clean, tmp, args.runs, 500))
+        print(rows[-1].line(), flush=True)
+        section("doctor (sandbox: real containerd, a real registry as Spegel)")
+        print(HEADER)
+        rows += bench_doctor(bin_dirs, tmp, args.runs)
+    except BenchError as e:
+        print(f"\nbenchmark failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def summary(rows: Sequence[Row]) -> None:
+    by_key = {r.key: r for r in rows}
+    section("budgets (clean venv, medians)")
+    for key, (what, budget) in BUDGETS.items():
+        row = by_key.get(key)
+        if row is None:
+            print(f"{what:<34} not measured")
+            continue
+        m = row.series.median_s
+        verdict = "within" if m <= budget else "OVER"
+        print(f"{what:<34} {m * 1000:6.0f} ms   budget {budget * 1000:5.0f} ms   {verdict}")
+    peaks = [
+        r.series.rss_mb
+        for r in rows
+        if r.key.startswith(("apply", "doctor", "validate"))
+        and not r.key.endswith("_dev")
+        and "dev" not in r.key
+    ]
+    if peaks:
+        peak = max(peaks)
+        verdict = "within" if peak <= RSS_BUDGET_MB else "OVER"
+        print(
+            f"{'peak RSS (apply, validate, doctor)':<34} {peak:6.1f} MB   budget "
+            f"{RSS_BUDGET_MB:5.0f} MB   {verdict}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
