@@ -414,6 +414,52 @@ def install_units_command(
     return 0
 
 
+@app.command("configure-containerd")
+def configure_containerd_command(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the change as a diff; write nothing.")
+    ] = False,
+    root: RootOpt = Path("/"),
+    output: OutputOpt = OutputFormat.text,
+    config: ConfigOpt = None,
+    hosts_dir: HostsDirOpt = None,
+    containerd_socket: SocketOpt = None,
+    containerd_config: CtrConfigOpt = None,
+) -> int:
+    """Set config_path (the hosts dir) and discard_unpacked_layers = false in containerd's config.
+
+    Plain containerd and kind: edits the config file in place, keeping everything else (or
+    creates it); on containerd 1.x the keys go into the last file that sets a CRI table, since
+    such a file replaces the table of earlier ones. k0s: writes the drop-in
+    /etc/k0s/containerd.d/spegel-node.toml. Refuses (exit 1) on Talos and Bottlerocket (prints
+    what to set instead), on k3s, RKE2, MicroK8s and EKS (they set config_path themselves) and
+    when registry.mirrors is set. Writes nothing when already right. containerd reads its
+    config only at start: restart it when the result says restart_required.
+
+    Examples:
+
+      spegel-node configure-containerd --dry-run
+
+      spegel-node configure-containerd --output json && systemctl restart containerd
+    """
+    from spegel_node.apply import hosts_dir_of, mirror_hosts
+    from spegel_node.containerd_setup import configure_containerd, setup_report
+
+    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
+    settings, layout = _settings_and_layout(common)
+    urls = [m.url for m in mirror_hosts(settings)] if layout.flavor == "bottlerocket" else []
+    outcome = configure_containerd(
+        common.node,
+        layout,
+        hosts_dir_of(layout),
+        override=settings.hosts_dir,
+        mirror_urls=urls,
+        dry_run=dry_run,
+    )
+    setup_report(outcome, common.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; expected failures become one line on stderr and their exit code."""
     command = typer.main.get_command(app)
