@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from spegel_node.state import GateState
 
 PROBE_TIMEOUT_S = 1.0
+USER_AGENT = "spegel-node"
 
 
 @dataclass(frozen=True)
@@ -23,21 +24,26 @@ class ProbeResult:
 
 
 def probe_v2(mirror_url: str, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
-    """GET <mirror>/v2/ with a short timeout; only a 200 counts as healthy."""
-    import requests  # imported here: most commands never probe
+    """GET <mirror>/v2/ with a short timeout (to connect, then for each read); only a 200 counts
+    as healthy. `mirror_url` is the node's Spegel, `http://host:port`. One plain request with
+    the standard library: no redirects followed, no proxies, no retries."""
+    import http.client  # imported here: most commands never probe
+    from urllib.parse import urlsplit
 
+    parts = urlsplit(mirror_url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
     try:
-        response = requests.get(
-            f"{mirror_url}/v2/", timeout=(timeout, timeout), allow_redirects=False
-        )
-    except requests.Timeout:
+        conn.request("GET", "/v2/", headers={"User-Agent": USER_AGENT})
+        status = conn.getresponse().status
+    except TimeoutError:
         return ProbeResult(False, f"timed out after {timeout:g}s")
-    except requests.ConnectionError as e:
-        reason = "connection refused" if "refused" in str(e).lower() else "connection failed"
-        return ProbeResult(False, reason)
-    except requests.RequestException as e:
-        return ProbeResult(False, type(e).__name__)
-    return ProbeResult(response.status_code == 200, f"HTTP {response.status_code}")
+    except ConnectionRefusedError:
+        return ProbeResult(False, "connection refused")
+    except (OSError, http.client.HTTPException):
+        return ProbeResult(False, "connection failed")
+    finally:
+        conn.close()
+    return ProbeResult(status == 200, f"HTTP {status}")
 
 
 def next_gate_state(
