@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,11 +67,15 @@ def _locked(node: Node, dry_run: bool) -> Iterator[None]:
     if dry_run:  # a dry run writes nothing, not even the lock file
         yield
         return
-    try:
-        lock = state.lock_path(node)
-    except OSError as e:
-        raise fsutil.refuse_os_error(e, f"create state dir {STATE_DIR}") from e
-    with fsutil.exclusive_lock(lock):
+    with contextlib.ExitStack() as stack:
+        try:
+            lock = state.lock_path(node)
+        except OSError as e:
+            raise fsutil.refuse_os_error(e, f"create state dir {STATE_DIR}") from e
+        try:
+            stack.enter_context(fsutil.exclusive_lock(lock))
+        except OSError as e:
+            raise fsutil.refuse_os_error(e, f"lock {STATE_DIR}/{state.LOCK_FILE}") from e
         yield
 
 
@@ -155,7 +160,7 @@ def _save(node: Node, record: Record) -> None:
 
 def _ensure_hosts_dir(path: Path, display: str) -> None:
     try:
-        path.mkdir(mode=fsutil.DIR_MODE, parents=True, exist_ok=True)
+        fsutil.make_dirs(path)
     except OSError as e:
         raise fsutil.refuse_os_error(e, f"create hosts dir {display}") from e
 
@@ -169,19 +174,33 @@ def execute(node: Node, plan: Plan) -> None:
     with fsutil.open_dir(hosts_path) as hosts_fd:
         for change in plan.changes:
             where = f"{plan.hosts_dir}/{change.key}"
+            made_dir = False
             try:
                 if change.create_dir:
                     with contextlib.suppress(FileExistsError):
                         fsutil.mkdir_at(hosts_fd, change.dir_name)
+                        made_dir = True
                 with fsutil.open_subdir(hosts_fd, change.dir_name) as dir_fd:
                     fsutil.remove_stale_temp_files(dir_fd)
                     if change.after is None:
                         fsutil.unlink_at(dir_fd, HOSTS_TOML)
                     else:
-                        fsutil.write_atomic_at(dir_fd, HOSTS_TOML, change.after)
+                        mode, owner = fsutil.mode_and_owner_at(dir_fd, HOSTS_TOML)
+                        fsutil.write_atomic_at(dir_fd, HOSTS_TOML, change.after, mode, owner=owner)
                 if change.remove_dir:
                     fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
             except OSError as e:
+                if made_dir:  # an empty registry dir would hide _default from containerd
+                    with contextlib.suppress(OSError):
+                        fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
+                st = None
+                with contextlib.suppress(OSError):
+                    st = fsutil.lstat_at(hosts_fd, change.dir_name)
+                if st is not None and stat.S_ISLNK(st.st_mode):  # swapped in since the scan
+                    raise Refused(
+                        f"cannot write {where}: {plan.hosts_dir}/{change.dir_name} is a symlink "
+                        "(refusing to follow it)"
+                    ) from e
                 if e.errno == errno.ENOENT:
                     raise Refused(
                         f"cannot write {where}: the directory vanished; run apply again"

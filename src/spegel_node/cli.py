@@ -476,4 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as e:  # an I/O failure no code path turned into a message: still one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"spegel-node: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0

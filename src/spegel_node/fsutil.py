@@ -82,10 +82,18 @@ def mkdir_at(parent_fd: int, name: str) -> None:
     os.fsync(parent_fd)
 
 
-def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) -> None:
+def write_atomic_at(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    mode: int = FILE_MODE,
+    *,
+    owner: tuple[int, int] | None = None,
+) -> None:
     """Replace `name` under `dir_fd` with `data`: temp file in the same dir, fsync, rename, fsync dir.
 
     Readers see the old or the new contents, never a torn file; on any error the temp file is removed.
+    `owner` (uid, gid): give the new file this owner, e.g. the one of the file it replaces.
     """
     tmp = f"{TMP_PREFIX}{name}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
@@ -98,6 +106,8 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) 
     )
     try:
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
@@ -111,6 +121,15 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = FILE_MODE) 
             os.unlink(tmp, dir_fd=dir_fd)
         raise
     os.fsync(dir_fd)
+
+
+def mode_and_owner_at(dir_fd: int, name: str) -> tuple[int, tuple[int, int] | None]:
+    """The permission bits and owner of the regular file `name` (to keep them when replacing
+    it: a person's 0600 file with credentials stays 0600); FILE_MODE and None when absent."""
+    st = lstat_at(dir_fd, name)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return FILE_MODE, None
+    return stat.S_IMODE(st.st_mode) & 0o777, (st.st_uid, st.st_gid)
 
 
 def unlink_at(dir_fd: int, name: str) -> None:
@@ -140,11 +159,28 @@ def remove_stale_temp_files(dir_fd: int) -> None:
                     os.unlink(entry, dir_fd=dir_fd)
 
 
+def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
+    """Create `path` with `mode` and its missing parents with DIR_MODE, whatever the umask."""
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:  # made meanwhile by a concurrent run
+            continue
+        os.chmod(d, mode if d == path else DIR_MODE)
+
+
 def ensure_private_dir(path: Path) -> None:
     """Create a root-only directory (0700) with its parents, e.g. the state dir."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(path, 0o700)
     if path.is_symlink():
         raise Refused(f"cannot use {path}: it is a symlink")
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 @contextlib.contextmanager
@@ -152,6 +188,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on `path` (created 0600); a second apply waits for the first."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # whatever the umask
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

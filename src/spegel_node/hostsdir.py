@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from spegel_node import fsutil
-from spegel_node.plan import HOSTS_TOML, DirEntry, HostsSnapshot
+from spegel_node.plan import HOSTS_TOML, MAX_HOSTS_TOML, DirEntry, HostsSnapshot
 
 
 def _kind(mode: int) -> str:
@@ -30,7 +30,9 @@ def _read_entry(hosts_fd: int, name: str, st: os.stat_result) -> DirEntry:
         if hst is None:
             return DirEntry(name, "dir")
         file_kind = _kind(hst.st_mode)
-        data = fsutil.read_at(dir_fd, HOSTS_TOML) if file_kind == "file" else None
+        data = fsutil.read_at(dir_fd, HOSTS_TOML, MAX_HOSTS_TOML) if file_kind == "file" else None
+        if data is not None and len(data) > MAX_HOSTS_TOML:  # read_at stops one byte past it
+            return DirEntry(name, "dir", "too_large")
         return DirEntry(name, "dir", file_kind, data)
 
 

@@ -16,6 +16,7 @@ from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
 from spegel_node.state import FileRecord, Record, digest
 
 HOSTS_TOML = "hosts.toml"
+MAX_HOSTS_TOML = 4 << 20  # larger files are left alone, never read in part and written back
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class DirEntry:
 
     name: str
     kind: str  # "dir", "symlink", "file", "other"
-    hosts_toml_kind: str = "missing"  # "file", "symlink", "dir", "other", "missing"
+    hosts_toml_kind: str = "missing"  # "file", "symlink", "dir", "other", "too_large", "missing"
     hosts_toml: bytes | None = None
 
 
@@ -103,18 +104,21 @@ def _unsafe(entry: DirEntry | None, hosts_dir: str) -> str | None:
         return f"{path} is not a directory; move it aside"
     if entry.hosts_toml_kind == "symlink":
         return f"{path}/{HOSTS_TOML} is a symlink; refusing to write through it (replace it with a file)"
+    if entry.hosts_toml_kind == "too_large":
+        return (
+            f"{path}/{HOSTS_TOML} is larger than {MAX_HOSTS_TOML >> 20} MiB; left alone "
+            "(run `spegel-node validate`)"
+        )
     if entry.hosts_toml_kind not in ("file", "missing"):
         return f"{path}/{HOSTS_TOML} is not a regular file; move it aside"
     return None
 
 
-def _decode(data: bytes, path: str) -> str:
+def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise HostsTomlError(
-            f"{path} is not UTF-8 text (containerd ignores it); fix or remove it"
-        ) from e
+        raise HostsTomlError("not UTF-8 text") from e  # callers prefix the path
 
 
 def plan_apply(
@@ -153,7 +157,7 @@ def plan_apply(
             )
             continue
         try:
-            text = _decode(current, path)
+            text = _decode(current)
             base = hoststoml.strip(text, retired) if retired else text
             new = hoststoml.merge(base, mirrors) if advertise else hoststoml.strip(base, urls)
         except HostsTomlError as e:
@@ -189,6 +193,10 @@ def plan_remove(snapshot: HostsSnapshot, record: Record) -> Plan:
             continue
         current = entry.hosts_toml if entry else None
         if current is None:
+            if entry is not None and rec.created and rec.created_dir:
+                # the file is gone (a remove killed before its rmdir): still remove the empty
+                # dir apply made, as it would hide _default from containerd
+                changes.append(FileChange(dir_name, "delete", None, None, remove_dir=True))
             continue
         unchanged_since_apply = digest(current) == rec.written_sha256
         if rec.created and (
@@ -203,7 +211,7 @@ def plan_remove(snapshot: HostsSnapshot, record: Record) -> Plan:
                 changes.append(FileChange(dir_name, "restore", current, rec.original))
             continue
         try:
-            text = _decode(current, f"{snapshot.hosts_dir}/{key}")
+            text = _decode(current)
             stripped = hoststoml.strip(text, urls)
         except HostsTomlError as e:
             problems.append(f"{snapshot.hosts_dir}/{key}: {e}")

@@ -51,9 +51,11 @@ def _bad(kind: str, value: object, why: str) -> BadInput:
 def _check_host(kind: str, raw: str, host: str, port: int | None) -> str:
     if host.startswith("[") or ":" in host:
         try:
-            ipaddress.IPv6Address(host.strip("[]"))
+            address = ipaddress.IPv6Address(host.strip("[]"))
         except ValueError as e:
             raise _bad(kind, raw, "not a valid IPv6 address") from e
+        if address.scope_id is not None:  # a zone ("%eth0") cannot be in an image reference
+            raise _bad(kind, raw, "not a valid IPv6 address (no zone allowed)")
         host = f"[{host.strip('[]')}]"
     elif not _HOSTNAME.match(host):
         raise _bad(kind, raw, "host must be a DNS name or IP address")

@@ -164,6 +164,8 @@ def load_settings(
             raise BadInput(f"config file {source} is not UTF-8 text") from e
         except tomllib.TOMLDecodeError as e:
             raise BadInput(f"config file {source} is not valid TOML: {e}") from e
+        except RecursionError as e:
+            raise BadInput(f"config file {source} is not valid TOML: nested too deeply") from e
     settings = settings_from_mapping(data, source)
     flags = overrides or {}
 
