@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -435,3 +436,61 @@ def test_snippet_pasted_into_a_config_takes_effect(tmp_path: Path, version: int)
     write(tmp_path, MAIN, f"version = {version}\n\n{snippet}")
     c = read(tmp_path)
     assert (c.config_path, c.discard_unpacked_layers) == ("/etc/containerd/certs.d", False)
+
+
+def _dumped_config_path(config: Path) -> str:
+    """What the real containerd makes of a config file: `containerd config dump`."""
+    out = subprocess.run(
+        ["containerd", "--config", str(config), "config", "dump"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return str(
+        tomllib.loads(out)["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("main", "imported", "expected"),
+    [
+        # version 1: only the short plugin name counts; the full name is ignored
+        ('[plugins.cri.registry]\n  config_path = "/short"\n', None, "/short"),
+        ('[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/full"\n', None, ""),
+        # version 2: an import is read by the main file's version (it has none of its own here)
+        (
+            'version = 2\nimports = ["IMPORT"]\n',
+            '[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/y"\n',
+            "/y",
+        ),
+    ],
+)
+def test_plugin_names_are_read_as_the_real_containerd_reads_them(
+    tmp_path: Path, main: str, imported: str | None, expected: str
+) -> None:
+    if imported is not None:
+        (tmp_path / "import.toml").write_text(imported)
+        main = main.replace("IMPORT", str(tmp_path / "import.toml"))
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/config.toml").write_text(main)
+    assert _dumped_config_path(tmp_path / "etc/config.toml") == expected
+    # the reader takes node paths: the import is absolute on the host, so read with root /
+    ours = read_containerd_config(Node(Path("/")), str(tmp_path / "etc/config.toml"))
+    assert (ours.config_path or "") == expected
+
+
+def test_short_plugin_name_under_a_version_2_main_file_stops_containerd(tmp_path: Path) -> None:
+    (tmp_path / "import.toml").write_text('[plugins.cri.registry]\n  config_path = "/x"\n')
+    main = tmp_path / "config.toml"
+    main.write_text(f'version = 2\nimports = ["{tmp_path / "import.toml"}"]\n')
+    real = subprocess.run(
+        ["containerd", "--config", str(main), "config", "dump"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert real.returncode != 0
+    assert "invalid plugin key URI" in real.stderr
+    with pytest.raises(ContainerdConfigError, match="containerd will not start"):
+        read_containerd_config(Node(Path("/")), str(main))

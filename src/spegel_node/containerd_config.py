@@ -173,7 +173,9 @@ def _get(path: str, table: dict[str, Any], key: str, want: type, where: str) -> 
     return value
 
 
-def _parse(path: str, data: dict[str, Any]) -> _File:
+def _parse(path: str, data: dict[str, Any], layout_version: int | None = None) -> _File:
+    """One file's values. `layout_version`: the version whose plugin names count (containerd 1.x
+    reads an imported file's plugins by the main file's version, whatever the import says)."""
     version = _get(path, data, "version", int, "") or 1
     if version not in (1, 2, 3):
         raise _fail(path, f"unsupported config version {version} (containerd knows 1, 2 and 3)")
@@ -184,7 +186,7 @@ def _parse(path: str, data: dict[str, Any]) -> _File:
     grpc = _get(path, data, "grpc", dict, "") or {}
     top["address"] = _get(path, grpc, "address", str, "[grpc] ")
     plugins = _get(path, data, "plugins", dict, "") or {}
-    cri_table, cri = _cri_values(path, version, plugins)
+    cri_table, cri = _cri_values(path, layout_version or version, plugins)
     return _File(
         path=path,
         version=version,
@@ -205,9 +207,16 @@ def _cri_values(path: str, version: int, plugins: dict[str, Any]) -> tuple[bool,
     values = _v3_values(path, v3) if v3 is not None else {}
     if version >= 3:
         return v3 is not None, values
-    v2 = _get(path, plugins, V2_CRI, dict, "[plugins] ")
-    if v2 is None and version == 1:
-        v2 = _get(path, plugins, V1_CRI, dict, "[plugins] ")
+    # containerd 1.6 reads the CRI plugin by its short name in version-1 files (ignoring the full
+    # name there) and by its full name in version-2 files, where a short name stops it from
+    # starting ("invalid plugin key URI"); both checked with `containerd config dump`.
+    if version == 2 and (short := next((k for k in plugins if "." not in k), None)):
+        raise _fail(
+            path,
+            f'plugin key "{short}" is not valid in a version 2 config (containerd will not '
+            'start: "invalid plugin key URI"); use the full name, e.g. "io.containerd.grpc.v1.cri"',
+        )
+    v2 = _get(path, plugins, V1_CRI if version == 1 else V2_CRI, dict, "[plugins] ")
     if v2 is not None:
         values.update(_v2_values(path, v2))
     return v2 is not None or v3 is not None, values
@@ -268,7 +277,8 @@ def _with_imports(node: Node, main: _File) -> tuple[list[_File], list[str]]:
         path = item.path if isinstance(item, _File) else item
         if path in loaded:
             continue
-        f = item if isinstance(item, _File) else _parse(path, _load(node, path))
+        layout = main.version if main.version < 3 else None  # 2.x migrates each file itself
+        f = item if isinstance(item, _File) else _parse(path, _load(node, path), layout)
         loaded.add(path)
         files.append(f)
         found, absent = _resolve_imports(node, path, f.imports)
