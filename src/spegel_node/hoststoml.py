@@ -11,13 +11,12 @@ nothing is returned.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import tomlkit
 
 from spegel_node.errors import SpegelNodeError
 
@@ -297,7 +296,10 @@ def _render_table(mirror: MirrorHost, indent: str, nl: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=256)  # the same few URLs and words, once per file written
 def _quote(value: str) -> str:
+    import tomlkit  # only when writing: a no-op apply, validate and doctor never need it
+
     return str(tomlkit.string(value).as_string())
 
 
