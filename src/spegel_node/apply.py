@@ -19,7 +19,7 @@ from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
 from spegel_node.node import STATE_DIR, Node
-from spegel_node.plan import HOSTS_TOML, Plan, plan_apply, plan_remove
+from spegel_node.plan import HOSTS_TOML, MAX_HOSTS_TOML, Plan, plan_apply, plan_remove
 from spegel_node.settings import Settings, resolve_node_ip
 from spegel_node.state import GateState, Record
 
@@ -124,13 +124,13 @@ def apply_mirrors(
         )
         new_record = replace(plan.record or Record(), gate=gate_state)
         plan = replace(plan, record=new_record)
+        skipped: list[str] = []
         if not dry_run:
             if _worth_saving(record, new_record):
                 _save(node, new_record)
-            execute(node, plan)
-    return Outcome(
-        "apply", plan, dry_run, urls, gate_state, probe, _layout_warnings(layout, hosts_dir)
-    )
+            skipped = execute(node, plan)
+    warnings = (*_layout_warnings(layout, hosts_dir), *skipped)
+    return Outcome("apply", plan, dry_run, urls, gate_state, probe, warnings)
 
 
 def remove_mirrors(
@@ -141,14 +141,17 @@ def remove_mirrors(
         hosts_dir = record.hosts_dir or hosts_dir_of(layout)
         snapshot = hostsdir.scan(node.path(hosts_dir), hosts_dir)
         plan = plan_remove(snapshot, record)
+        skipped: list[str] = []
         if not dry_run:
-            execute(node, plan)
-            if plan.record is None:
+            skipped = execute(node, plan)
+            if skipped:  # keep every original: the next remove judges those files again
+                _save(node, record)
+            elif plan.record is None:
                 with contextlib.suppress(FileNotFoundError):
                     state.delete_record(node)
             else:
                 _save(node, plan.record)
-    return Outcome("remove", plan, dry_run, record.mirror_urls)
+    return Outcome("remove", plan, dry_run, record.mirror_urls, warnings=tuple(skipped))
 
 
 def _save(node: Node, record: Record) -> None:
@@ -165,10 +168,16 @@ def _ensure_hosts_dir(path: Path, display: str) -> None:
         raise fsutil.refuse_os_error(e, f"create hosts dir {display}") from e
 
 
-def execute(node: Node, plan: Plan) -> None:
-    """Carry out the plan's file changes: atomic writes, no symlinks followed below the hosts dir."""
+def execute(node: Node, plan: Plan) -> list[str]:
+    """Carry out the plan's file changes: atomic writes, no symlinks followed below the hosts dir.
+
+    A file that changed since the snapshot (k3s restarting, a person saving) is left as it now
+    is rather than overwritten with a merge of what it was; the next run merges the new content.
+    Returns one line per file left so.
+    """
+    skipped: list[str] = []
     if not plan.changes:
-        return
+        return skipped
     hosts_path = node.path(plan.hosts_dir)
     _ensure_hosts_dir(hosts_path, plan.hosts_dir)
     with fsutil.open_dir(hosts_path) as hosts_fd:
@@ -182,6 +191,11 @@ def execute(node: Node, plan: Plan) -> None:
                         made_dir = True
                 with fsutil.open_subdir(hosts_fd, change.dir_name) as dir_fd:
                     fsutil.remove_stale_temp_files(dir_fd)
+                    if fsutil.read_at(dir_fd, HOSTS_TOML, MAX_HOSTS_TOML) != change.before:
+                        skipped.append(
+                            f"{where} changed while apply ran; left as is for the next run"
+                        )
+                        continue
                     if change.after is None:
                         fsutil.unlink_at(dir_fd, HOSTS_TOML)
                     else:
@@ -206,3 +220,4 @@ def execute(node: Node, plan: Plan) -> None:
                         f"cannot write {where}: the directory vanished; run apply again"
                     ) from e
                 raise fsutil.refuse_os_error(e, f"write {where}") from e
+    return skipped

@@ -106,8 +106,9 @@ def write_atomic_at(
     )
     try:
         try:
-            if owner is not None:
-                os.fchown(fd, *owner)
+            st = os.fstat(fd)
+            if owner is not None and (st.st_uid, st.st_gid) != owner:
+                os.fchown(fd, *owner)  # only then: it needs CAP_CHOWN for another user's file
             os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
