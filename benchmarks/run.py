@@ -1,22 +1,25 @@
 """spegel-node benchmarks: wall time and peak RSS of the real console script, as medians.
 
-    .venv/bin/python benchmarks/run.py            # or: make bench
-    .venv/bin/python benchmarks/run.py --runs 5   # quicker, noisier
-    .venv/bin/python benchmarks/run.py --no-dev   # skip the dev-venv comparison
+    make bench                                      # .venv/bin/python benchmarks/run.py
+    .venv/bin/python benchmarks/run.py --runs 5     # quicker, noisier
+    .venv/bin/python benchmarks/run.py --rev HEAD~1 # a commit instead of the work tree
+    .venv/bin/python benchmarks/run.py --no-dev     # skip the dev-venv comparison
 
 Every command runs as a subprocess of the `spegel-node` console script of a CLEAN venv: one with
 only the project and its runtime dependencies (`pip install <repo>`, no [dev] extras), as the
-Ansible role installs it on a node. That venv is built once and cached (see --cache); the project
-is reinstalled into it whenever pyproject.toml or src/ changed. The dev venv (.venv, editable,
-with the dev tools) is measured for comparison on a few commands.
+Ansible role installs it on a node. The venv is built once per dependency list and cached (see
+--cache); the project is reinstalled into it whenever src/ or pyproject.toml changed. The dev
+venv (.venv: editable, with the dev tools) is measured for comparison on a few commands.
 
-Each figure is the median over --runs runs, and sits next to a baseline measured in the same
-invocation, interleaved run by run with it (a loaded machine slows both alike):
-`python -c pass` for `--version`, and `spegel-node --version` (the start-up cost alone) for the
-commands that do work. apply runs on fake node trees under --root (--no-gate, or gating on a
-local /v2/ server), so the time is the agent's own work; doctor runs on the sandbox node (a real
-containerd and a real registry as Spegel on loopback, tests/support/sandbox.py). Peak RSS is
-ru_maxrss of each child (os.wait4).
+Each figure is the median over --runs runs, next to a baseline measured in the same invocation,
+interleaved run by run with it (a loaded machine slows both alike): `python -c pass` for
+`--version`, and `spegel-node --version` (start-up alone) for the commands that do work. apply
+runs on fake node trees under --root (--no-gate, or gating on a local /v2/ server), so the time
+is the agent's own work, plus once on this machine's own / with --dry-run (the process scan and
+node_ip "auto" a real node pays). doctor runs on the sandbox node: a real containerd and a real
+registry standing in for Spegel on loopback (tests/support/sandbox.py), healthy, stopped
+(connection refused) and hung (HangingServer: accepts, never answers). Peak RSS is each
+command's ru_maxrss (os.wait4 in a small launcher, see LAUNCHER).
 
 Benchmarks print figures; they do not pass or fail on them. The script exits non-zero when a
 command it runs fails (an unexpected exit code or output).
@@ -94,27 +97,53 @@ def child_env() -> dict[str, str]:
     return env
 
 
+# The commands run under this small launcher, which times them and reads their peak RSS. Linux
+# keeps a process's peak RSS across exec, and a child forked (or vforked) from this benchmark
+# would start with the benchmark's own RSS as its peak: spawned from the launcher (a bare
+# `python -S`, about 9 MB), a command's peak is its own, above a floor of the launcher's size.
+LAUNCHER = """
+import os, sys, time
+out, err, *argv = sys.argv[1:]
+actions = [
+    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+    (os.POSIX_SPAWN_OPEN, 1, out, os.O_WRONLY | os.O_TRUNC, 0),
+    (os.POSIX_SPAWN_OPEN, 2, err, os.O_WRONLY | os.O_TRUNC, 0),
+]
+started = time.perf_counter()
+pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+print(wall, os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def run_once(argv: Sequence[str], expect: Sequence[int] = (0,), check: str = "") -> Sample:
-    """Run argv, wait with os.wait4 for its rusage; BenchError on an unexpected result."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=child_env()
+    """Run argv (an absolute path first) under the launcher; BenchError on an unexpected result."""
+    with tempfile.TemporaryDirectory(prefix="spegel-node-bench-out-") as d:
+        out, err = Path(d, "out"), Path(d, "err")
+        out.touch()
+        err.touch()
+        base = getattr(sys, "_base_executable", sys.executable)
+        done = subprocess.run(
+            [base, "-S", "-I", "-c", LAUNCHER, str(out), str(err), *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            check=False,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode("utf-8", "replace")
-        stderr = err.read().decode("utf-8", "replace")
-    if proc.returncode not in expect or (check and check not in stdout):
+        stdout = out.read_text("utf-8", "replace")
+        stderr = err.read_text("utf-8", "replace")
+    if done.returncode != 0:
+        raise BenchError(f"the launcher failed for {' '.join(argv)}:\n{done.stderr[-3000:]}")
+    wall, code, maxrss = done.stdout.split()
+    if int(code) not in expect or (check and check not in stdout):
         raise BenchError(
-            f"{' '.join(argv)}: exit {proc.returncode} (expected {list(expect)})"
+            f"{' '.join(argv)}: exit {code} (expected {list(expect)})"
             + (f", output lacks {check!r}" if check and check not in stdout else "")
             + f"\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}"
         )
-    return Sample(wall, usage.ru_maxrss)
+    return Sample(float(wall), int(maxrss))
 
 
 @dataclass
@@ -228,17 +257,19 @@ def registries(n: int) -> list[str]:
     return [f"https://registry-{i:03d}.example.com" for i in range(n)]
 
 
-def make_node(base: Path, n: int, *, host_port: int = 29999) -> Path:
-    """A kubeadm + containerd node (config_path set) with a config naming n registries."""
+def make_node(base: Path, n: int, *, node_ip: str | None = None, host_port: int = 29999) -> Path:
+    """A kubeadm + containerd node (config_path set) with a config naming n registries;
+    node_ip unset means "auto", the default (this machine's primary IPv4, via psutil)."""
     root = base / f"node-{n}-{host_port}"
     fake_nodes.make_containerd(root, config_path=HOSTS_DIR)
-    regs = ", ".join(f'"{r}"' for r in registries(n))
-    fake_nodes.write(
-        root,
-        "/etc/spegel-node/config.toml",
-        f'node_ip = "127.0.0.1"\nhost_port = {host_port}\nregistries = [{regs}]\n',
-    )
+    fake_nodes.write(root, "/etc/spegel-node/config.toml", config_text(n, node_ip, host_port))
     return root
+
+
+def config_text(n: int, node_ip: str | None = None, host_port: int = 29999) -> str:
+    regs = ", ".join(f'"{r}"' for r in registries(n))
+    ip = f'node_ip = "{node_ip}"\n' if node_ip else ""
+    return f"{ip}host_port = {host_port}\nregistries = [{regs}]\n"
 
 
 def distro_file(registry: str) -> str:
@@ -302,13 +333,13 @@ class Row:
     def line(self) -> str:
         m, b = self.series.median_s, self.base.median_s
         return (
-            f"{self.what:<44} {m * 1000:8.0f} ms   {self.baseline:<26} {b * 1000:6.0f} ms"
+            f"{self.what:<48} {m * 1000:8.0f} ms   {self.baseline:<26} {b * 1000:6.0f} ms"
             f"   +{(m - b) * 1000:6.0f} ms   {self.series.rss_mb:5.1f} MB"
         )
 
 
 HEADER = (
-    f"{'command':<44} {'median':>11}   {'baseline':<26} {'median':>9}   {'over it':>9}   "
+    f"{'command':<48} {'median':>11}   {'baseline':<26} {'median':>9}   {'over it':>9}   "
     f"{'peak RSS':>8}"
 )
 
@@ -346,7 +377,9 @@ def bench_version(bin_dir: Path, runs: int, label: str) -> Row:
     return Row("version", f"spegel-node --version ({label})", version, "python -c pass", base)
 
 
-def bench_apply(bin_dir: Path, tmp: Path, runs: int, sizes: Sequence[int]) -> list[Row]:
+def bench_apply(
+    bin_dir: Path, tmp: Path, runs: int, sizes: Sequence[int], label: str = ""
+) -> list[Row]:
     exe = str(bin_dir / "spegel-node")
     version = Cmd([exe, "--version"])
     rows: list[Row] = []
@@ -356,8 +389,9 @@ def bench_apply(bin_dir: Path, tmp: Path, runs: int, sizes: Sequence[int]) -> li
         run_once(argv, check=f"{n} files changed")  # the first apply creates every file
         cmd = Cmd(argv, check="nothing to change")
         s, b = measure([cmd, version], runs)
-        key = f"apply_{n}"
-        rows.append(Row(key, f"apply, nothing to change, {n} registries", s, "--version", b))
+        key = f"apply_{n}" + (f"_{label}" if label else "")
+        what = f"apply, nothing to change, {n} registries" + (f" ({label})" if label else "")
+        rows.append(Row(key, what, s, "--version", b))
         print(rows[-1].line(), flush=True)
     return rows
 
@@ -377,12 +411,27 @@ def bench_apply_repair(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
 def bench_apply_gate(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
     exe = str(bin_dir / "spegel-node")
     with v2_server() as port:
-        root = make_node(tmp / "gate", n, host_port=port)
+        root = make_node(tmp / "gate", n, node_ip="127.0.0.1", host_port=port)
         argv = [exe, "apply", "--root", str(root)]
         run_once(argv, check=f"{n} files changed")
         cmd = Cmd(argv, check="HTTP 200; mirror advertised")
         s, b = measure([cmd, Cmd([exe, "--version"])], runs)
     return Row("apply_gate", f"apply, nothing to change, {n} reg., gate on", s, "--version", b)
+
+
+def bench_apply_live(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
+    """apply on this machine's own / as on a node: the running processes are scanned for
+    containerd (psutil) and node_ip "auto" is resolved. --dry-run (writes nothing, takes no
+    lock), the config and the hosts dir (prepared by an apply under a fake root) given by flag."""
+    exe = str(bin_dir / "spegel-node")
+    prepared = make_node(tmp / "live", n)
+    run_once([exe, "apply", "--no-gate", "--root", str(prepared)], check=f"{n} files changed")
+    config = tmp / "live" / "config.toml"
+    config.write_text(config_text(n))
+    argv = [exe, "apply", "--dry-run", "--no-gate", "--config", str(config)]
+    argv += ["--hosts-dir", str(prepared / HOSTS_DIR.lstrip("/"))]
+    s, b = measure([Cmd(argv, check="nothing to change"), Cmd([exe, "--version"])], runs)
+    return Row("apply_live", f"apply --dry-run on / (live), {n} registries", s, "--version", b)
 
 
 def bench_validate(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
@@ -395,18 +444,20 @@ def bench_validate(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
 
 
 def sandbox_root(sandbox: Sandbox, base: Path) -> Path:
-    """A node root whose node paths point into the sandbox (as tests/test_doctor_sandbox.py)."""
+    """A node root for the sandbox, as tests/test_doctor_sandbox.py builds it: containerd's
+    socket and config are symlinks to the sandbox's. The hosts dir at the node path containerd's
+    config_path names is a real directory here (apply writes there; doctor reads it)."""
     root = base / "sandbox-node"
     links = {
         "/run/containerd/containerd.sock": sandbox.containerd.socket,
         str(sandbox.containerd.socket): sandbox.containerd.socket,
         "/etc/containerd/config.toml": sandbox.containerd.config_path,
-        str(sandbox.hosts_dir): sandbox.hosts_dir,
     }
     for node_path, target in links.items():
         link = root / node_path.lstrip("/")
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(target)
+    fake_nodes.mkdir(root, str(sandbox.hosts_dir))
     fake_nodes.write(
         root,
         "/etc/spegel-node/config.toml",
@@ -514,13 +565,16 @@ def run_all(args: argparse.Namespace, bin_dirs: dict[str, Path], tmp: Path, rows
         print(HEADER)
         rows += bench_apply(clean, tmp, args.runs, (5, 50, 200, 500))
         if "dev venv" in bin_dirs:
-            dev_rows = bench_apply(bin_dirs["dev venv"], tmp / "dev", args.runs, (200,))
-            dev_rows[0].key, dev_rows[0].what = "apply_200_dev", dev_rows[0].what + " (dev)"
-            rows += dev_rows
+            rows += bench_apply(bin_dirs["dev venv"], tmp / "dev", args.runs, (200,), "dev")
         rows.append(bench_apply_repair(clean, tmp, args.runs, 200))
         print(rows[-1].line(), flush=True)
         rows.append(bench_apply_gate(clean, tmp, args.runs, 200))
         print(rows[-1].line(), flush=True)
+        try:
+            rows.append(bench_apply_live(clean, tmp, args.runs, 200))
+            print(rows[-1].line(), flush=True)
+        except BenchError as e:  # depends on this machine (a k3s host refuses, for one)
+            print(f"apply on / (live): skipped, {str(e).splitlines()[0]}")
         section("validate")
         print(HEADER)
         rows.append(bench_validate(clean, tmp, args.runs, 500))
@@ -548,9 +602,7 @@ def summary(rows: Sequence[Row]) -> None:
     peaks = [
         r.series.rss_mb
         for r in rows
-        if r.key.startswith(("apply", "doctor", "validate"))
-        and not r.key.endswith("_dev")
-        and "dev" not in r.key
+        if r.key.startswith(("apply", "doctor", "validate")) and "dev" not in r.key
     ]
     if peaks:
         peak = max(peaks)
