@@ -260,3 +260,13 @@ def test_a_file_rewritten_during_apply_is_not_clobbered(
         "http://10.0.0.5:29999",
         "https://registry.example.com/v2",
     ]
+
+
+def test_hosts_dir_that_is_an_absolute_symlink_is_followed_inside_the_root(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
+    (node / "var/lib/registry-hosts").mkdir(parents=True)
+    hosts(node).symlink_to("/var/lib/registry-hosts")  # absolute: means <root>/var/lib/...
+    assert cli(capsys, node, "apply", "--no-gate").code == 0
+    assert (node / "var/lib/registry-hosts/docker.io/hosts.toml").exists()
+    assert not Path("/var/lib/registry-hosts").exists()

@@ -1,15 +1,18 @@
 """doctor against the real sandbox node: a real containerd (1.6.20 here), a real registry as
 Spegel, files written by a real `apply`.
 
-The node root is a temp dir whose node paths point into the sandbox: the containerd socket and
-config are symlinks to the sandbox's, and the hosts dir, at the node path the sandbox config's
-`config_path` names, is a symlink to the sandbox hosts dir. Like `--root /host` in a pod: no
+The node root is a temp dir whose node paths lead into the sandbox: the containerd socket and
+config are symlinks to the sandbox's (the last component of a node path is opened by the kernel),
+and the hosts dir, at the node path the sandbox config's `config_path` names, is a real
+directory in the node root, which the sandbox's own hosts-dir path links to (symlinks *inside*
+the root resolve inside it, as on a node seen from a pod). Like `--root /host` in a pod: no
 program is run, everything comes from files and sockets.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -32,8 +35,13 @@ def make_root(sandbox: Sandbox, base: Path) -> Path:
         "/run/containerd/containerd.sock": sandbox.containerd.socket,
         str(sandbox.containerd.socket): sandbox.containerd.socket,  # its config's [grpc] address
         "/etc/containerd/config.toml": sandbox.containerd.config_path,
-        str(sandbox.hosts_dir): sandbox.hosts_dir,
     }
+    node_hosts = root / str(sandbox.hosts_dir).lstrip("/")
+    node_hosts.mkdir(parents=True)
+    for entry in sandbox.hosts_dir.iterdir():
+        shutil.move(entry, node_hosts / entry.name)
+    sandbox.hosts_dir.rmdir()
+    sandbox.hosts_dir.symlink_to(node_hosts)  # containerd (on the host) reads through it
     for node_path, target in links.items():
         link = root / node_path.lstrip("/")
         link.parent.mkdir(parents=True, exist_ok=True)

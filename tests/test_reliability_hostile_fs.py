@@ -182,11 +182,12 @@ def test_planted_temp_name_symlink_is_not_followed(
 def test_hosts_dir_itself_may_be_a_symlink(
     capsys: pytest.CaptureFixture[str], node: Path, tmp_path: Path
 ) -> None:
-    """As /etc/containerd/certs.d sometimes is (documented: only what is below is never followed)."""
-    real = tmp_path / "real-certs.d"
-    real.mkdir()
+    """As /etc/containerd/certs.d sometimes is (documented: only what is below is never followed).
+    An absolute link means a path on the node, i.e. under --root."""
+    real = node / "var/lib/real-certs.d"
+    real.mkdir(parents=True)
     hosts(node).rmdir()
-    hosts(node).symlink_to(real)
+    hosts(node).symlink_to("/var/lib/real-certs.d")
     assert _apply(capsys, node, "apply", "--no-gate")[0] == 0
     assert (real / "docker.io/hosts.toml").exists()
 

@@ -118,7 +118,7 @@ def apply_mirrors(
         record = state.load_record(node)
         _check_record_dir(record, hosts_dir)
         gate_state, probe = _gate_step(record, settings, urls[0], use_gate, dry_run)
-        snapshot = hostsdir.scan(node.path(hosts_dir), hosts_dir)
+        snapshot = hostsdir.scan(node.real_path(hosts_dir), hosts_dir)
         plan = plan_apply(
             snapshot, settings.registries, mirrors, record, advertise=not gate_state.withdrawn
         )
@@ -139,7 +139,7 @@ def remove_mirrors(
     with _locked(node, dry_run):
         record = state.load_record(node)
         hosts_dir = record.hosts_dir or hosts_dir_of(layout)
-        snapshot = hostsdir.scan(node.path(hosts_dir), hosts_dir)
+        snapshot = hostsdir.scan(node.real_path(hosts_dir), hosts_dir)
         plan = plan_remove(snapshot, record)
         skipped: list[str] = []
         if not dry_run:
@@ -178,7 +178,7 @@ def execute(node: Node, plan: Plan) -> list[str]:
     skipped: list[str] = []
     if not plan.changes:
         return skipped
-    hosts_path = node.path(plan.hosts_dir)
+    hosts_path = node.real_path(plan.hosts_dir)
     _ensure_hosts_dir(hosts_path, plan.hosts_dir)
     with fsutil.open_dir(hosts_path) as hosts_fd:
         for change in plan.changes:

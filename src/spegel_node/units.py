@@ -275,7 +275,7 @@ def write_units(unit_dir: Path, display: str, files: Sequence[UnitFile]) -> None
 
 def ensure_hosts_dir(node: Node, hosts_dir: str) -> bool:
     """Create the hosts dir (0755) if missing: the service may write only inside it."""
-    path = node.path(hosts_dir)
+    path = node.real_path(hosts_dir)
     if path.is_dir():
         return False
     try:
@@ -352,7 +352,7 @@ def install_units(
     if not node.path(exec_path).exists():
         warnings.append(f"{exec_path} does not exist on the node; the service will fail to start")
     hosts_dir = unit_path(hosts_dir, "hosts dir")
-    snapshot = hostsdir.scan(node.path(hosts_dir), hosts_dir)
+    snapshot = hostsdir.scan(node.real_path(hosts_dir), hosts_dir)
     watched, skipped = watch_paths(hosts_dir, registries, snapshot)
     warnings += [
         f"not watching {p}: systemd cannot take that path literally (the timer still repairs it)"
