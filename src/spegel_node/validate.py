@@ -155,8 +155,10 @@ def validate_hosts_dir(
     display: Callable[[Path], str],
     containerd_version: Version | None = None,
     root: Path = Path("/"),
+    files: bool = True,
 ) -> list[Finding]:
-    """Every `<dir>/hosts.toml` under `hosts_dir`, plus containerd's directory lookup pitfalls."""
+    """Every `<dir>/hosts.toml` under `hosts_dir`, plus containerd's directory lookup pitfalls
+    (with `files` False only those: no file is read)."""
     try:
         dirs = sorted(p for p in hosts_dir.iterdir() if p.is_dir() and p.name != BACKUP_DIR)
     except OSError as e:
@@ -169,7 +171,7 @@ def validate_hosts_dir(
     for d in dirs:
         findings += _dir_findings(d, names, display)
         hosts = d / "hosts.toml"
-        if hosts.exists() or hosts.is_symlink():
+        if files and (hosts.exists() or hosts.is_symlink()):
             findings += validate_file(
                 hosts, display_path=display(hosts), containerd_version=containerd_version, root=root
             )

@@ -233,7 +233,7 @@ class HostsShadowing(Check):
             findings += [
                 f
                 for f in validate_hosts_dir(
-                    facts.node.path(root), display=facts.node.display, root=facts.node.root
+                    facts.node.path(root), display=facts.node.display, files=False
                 )
                 if f.code in ("dir.shadowed", "dir.hides_default")
             ]
