@@ -88,11 +88,30 @@ def validate_text(
     `containerd_version` None means unknown: `referrers` is then a warning, `dial_timeout` is
     not reported as ignored.
     """
+    return parse_and_validate(
+        data,
+        display_path=display_path,
+        file_dir=file_dir,
+        containerd_version=containerd_version,
+        root=root,
+    )[1]
+
+
+def parse_and_validate(
+    data: bytes | str,
+    *,
+    display_path: str,
+    file_dir: Path | None,
+    containerd_version: Version | None = None,
+    root: Path = Path("/"),
+) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """`validate_text`, and the parsed document (None when it does not parse), for callers that
+    look into the file too: it is parsed once. Never raises."""
     try:
         checker = _Checker(display_path, file_dir, containerd_version, root)
-        return checker.run(data)
+        return checker.run(data), checker.findings
     except Exception as e:  # a rule's bug must not take the whole command down
-        return [
+        return None, [
             Finding(
                 display_path, None, ERROR, "file.unchecked", f"cannot check: {type(e).__name__}"
             )
@@ -225,7 +244,8 @@ class _Checker:
         self.where = _Locator("")
         self.findings: list[Finding] = []
 
-    def run(self, data: bytes | str) -> list[Finding]:
+    def run(self, data: bytes | str) -> dict[str, Any] | None:
+        """Fill `findings`; the parsed document, None when it does not parse."""
         doc = self._parse(data)
         if doc is not None:
             self._check_top(doc)
@@ -233,7 +253,7 @@ class _Checker:
             more = len(self.findings) - MAX_FINDINGS
             del self.findings[MAX_FINDINGS:]
             self.add(None, WARNING, "file.truncated", f"{more} more findings not shown")
-        return self.findings
+        return doc
 
     # -- reporting
 

@@ -5,7 +5,6 @@ parser rules, listing the Spegel mirror first."""
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,8 +19,8 @@ from spegel_node.validate import (
     DIAL_TIMEOUT_SINCE,
     ERROR,
     Finding,
+    parse_and_validate,
     validate_hosts_dir,
-    validate_text,
 )
 
 
@@ -108,7 +107,7 @@ class HostsRegistry(Check):
     def _check_file(self, facts: Facts, path: str, host_dir: Any, data: bytes) -> CheckResult:
         label = self.target.label
         version = facts.containerd_version.version
-        findings = validate_text(
+        doc, findings = parse_and_validate(
             data,
             display_path=path,
             file_dir=host_dir,
@@ -127,10 +126,7 @@ class HostsRegistry(Check):
                 f"`{apply_command(facts)}`",
                 details,
             )
-        try:
-            doc = tomllib.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError):  # validate_text said it parses
-            doc = {}
+        doc = doc or {}  # no error finding: it parsed
         hosts = doc.get("host") if isinstance(doc.get("host"), dict) else {}
         assert isinstance(hosts, dict)
         urls = list(hosts)
