@@ -467,6 +467,17 @@ def sandbox_root(sandbox: Sandbox, base: Path) -> Path:
     return root
 
 
+def bench_doctor_many(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
+    """doctor on a fake tree with n registries (one hosts.<registry> check each): how it grows.
+    No containerd answers there and nothing listens on the mirror port, so it exits 1."""
+    exe = str(bin_dir / "spegel-node")
+    root = make_node(tmp / "doctor-many", n, node_ip="127.0.0.1")
+    run_once([exe, "apply", "--no-gate", "--root", str(root)])
+    cmd = Cmd([exe, "doctor", "--root", str(root)], (1,), " checks in ")
+    s, b = measure([cmd, Cmd([exe, "--version"])], runs)
+    return Row("doctor_many", f"doctor, fake node (no daemons), {n} registries", s, "--version", b)
+
+
 def bench_doctor(bin_dirs: dict[str, Path], tmp: Path, runs: int) -> list[Row]:
     missing = missing_binaries()
     if missing:
@@ -582,6 +593,8 @@ def run_all(args: argparse.Namespace, bin_dirs: dict[str, Path], tmp: Path, rows
         section("doctor (sandbox: real containerd, a real registry as Spegel)")
         print(HEADER)
         rows += bench_doctor(bin_dirs, tmp, args.runs)
+        rows.append(bench_doctor_many(clean, tmp, args.runs, 200))
+        print(rows[-1].line(), flush=True)
     except BenchError as e:
         print(f"\nbenchmark failed: {e}", file=sys.stderr)
         return 1
