@@ -22,7 +22,7 @@ app = typer.Typer(
         "  spegel-node detect\n\n"
         "  spegel-node apply --dry-run\n\n"
         "  spegel-node doctor --image ghcr.io/spegel-org/spegel:v0.7.4\n\n"
-        "  spegel-node --root /host validate"
+        "  spegel-node validate --root /host   # from a pod, with the host at /host"
     ),
     add_completion=False,
     rich_markup_mode=None,
@@ -165,7 +165,9 @@ def apply(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Write the Spegel mirror(s) first into every mirrored registry's hosts.toml.
+    """Put the Spegel mirror first in hosts.toml files.
+
+    Every mirrored registry's hosts.toml lists the Spegel mirror(s) first.
 
     Existing files are merged (everything else kept); new files start with '# managed by
     spegel-node'. While the mirror's /v2/ does not answer (gate_failures probes in a row) the
@@ -200,7 +202,7 @@ def remove(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Undo apply: restore changed files, delete created ones.
+    """Undo apply, restoring files byte for byte.
 
     A file apply changed is restored byte-for-byte while it still holds what apply wrote; if
     the distro rewrote it since, only the Spegel host tables are stripped. Files and dirs apply
@@ -242,7 +244,7 @@ def validate(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Check hosts.toml files against containerd's parser rules.
+    """Check hosts.toml files with containerd's rules.
 
     containerd drops a bad file silently and pulls upstream. PATHs are files or hosts dirs
     (default: the node's hosts dir). Exit 1 on errors (and on warnings with --strict).
@@ -299,8 +301,9 @@ def doctor(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Read-only diagnosis of the whole chain: layout, containerd settings, hosts files, Spegel
-    answering. Every check has a stable id (docs/checks.md), a status and, when not passing,
+    """Say exactly what is wrong on this node, read-only.
+
+    Diagnoses the whole chain: layout, containerd settings, hosts files, Spegel answering. Every check has a stable id (docs/checks.md), a status and, when not passing,
     what to change. Finishes within 5 s even when Spegel or containerd hangs. Exit 1 when a
     check failed (warnings do not fail).
 
@@ -334,7 +337,7 @@ def helm_values_command(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Print the Spegel Helm chart values that match this node.
+    """Print the Spegel chart values for this node.
 
     YAML by default, JSON with --output json. containerdMirrorAdd is false: spegel-node owns
     the hosts dir, so Spegel's init container must not rewrite it.
@@ -382,7 +385,9 @@ def install_units_command(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Write the systemd timer and path unit that run apply, for this node's hosts dir.
+    """Write the systemd repair timer and path unit.
+
+    They run apply for this node's hosts dir.
 
     Renders spegel-node-repair.service (hardened oneshot `apply`), .timer (30 s after boot,
     then every minute) and .path (one PathChanged= per mirrored registry's hosts.toml plus the
@@ -426,7 +431,9 @@ def configure_containerd_command(
     containerd_socket: SocketOpt = None,
     containerd_config: CtrConfigOpt = None,
 ) -> int:
-    """Set config_path (the hosts dir) and discard_unpacked_layers = false in containerd's config.
+    """Make containerd read the hosts dir and keep layers.
+
+    Sets config_path (the hosts dir) and discard_unpacked_layers = false in containerd's config.
 
     Plain containerd and kind: edits the config file in place, keeping everything else (or
     creates it); on containerd 1.x the keys go into the last file that sets a CRI table, since
