@@ -374,7 +374,8 @@ def bench_version(bin_dir: Path, runs: int, label: str) -> Row:
         ],
         runs * 2,
     )
-    return Row("version", f"spegel-node --version ({label})", version, "python -c pass", base)
+    key = "version" if label == "clean" else f"version_{label}"
+    return Row(key, f"spegel-node --version ({label})", version, "python -c pass", base)
 
 
 def bench_apply(
