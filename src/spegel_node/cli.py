@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from spegel_node import __version__
 from spegel_node.errors import BadInput, SpegelNodeError
 from spegel_node.node import Node
+
+if TYPE_CHECKING:
+    from spegel_node.layout import Layout
+    from spegel_node.settings import Settings
 
 app = typer.Typer(
     name="spegel-node",
@@ -89,6 +96,41 @@ def _common(
     return Common(root, output.value, config, overrides)
 
 
+_COMMON_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    for name, annotation, default in (
+        ("root", RootOpt, Path("/")),
+        ("output", OutputOpt, OutputFormat.text),
+        ("config", ConfigOpt, None),
+        ("hosts_dir", HostsDirOpt, None),
+        ("containerd_socket", SocketOpt, None),
+        ("containerd_config", CtrConfigOpt, None),
+    )
+]
+
+
+def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Register a command that also takes the options every command has (--root, --output,
+    --config and the layout overrides, SPEC "Commands") and gets them as its first argument,
+    `common: Common`, checked once."""
+
+    def register(command: Callable[..., int]) -> Callable[..., int]:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> int:
+            common = _common(*(kwargs.pop(p.name) for p in _COMMON_OPTIONS))
+            return command(common, **kwargs)
+
+        params = [*own, *_COMMON_OPTIONS]
+        run.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
+        app.command(name)(run)
+        return command
+
+    return register
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"spegel-node {__version__}")
@@ -107,7 +149,7 @@ def _main(
     """spegel-node"""
 
 
-def _settings_and_layout(common: Common):  # type: ignore[no-untyped-def]
+def _settings_and_layout(common: Common) -> tuple[Settings, Layout]:
     from spegel_node.layout import detect
     from spegel_node.settings import load_settings
 
@@ -121,15 +163,8 @@ def _settings_and_layout(common: Common):  # type: ignore[no-untyped-def]
     return settings, layout
 
 
-@app.command()
-def detect(
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
-) -> int:
+@node_command()
+def detect(common: Common) -> int:
     """Identify the node's flavor and containerd layout.
 
     Flavors: k3s, rke2, talos, k0s, microk8s, kind, eks, bottlerocket, containerd. Evidence comes
@@ -144,26 +179,20 @@ def detect(
     """
     from spegel_node.report import layout_report
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     _, layout = _settings_and_layout(common)
     layout_report(layout, common.output)
     return 0
 
 
-@app.command()
+@node_command()
 def apply(
+    common: Common,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and a diff; write nothing.")
     ] = False,
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Advertise the mirror without probing /v2/.")
     ] = False,
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
 ) -> int:
     """Put the Spegel mirror first in hosts.toml files.
 
@@ -183,24 +212,18 @@ def apply(
     from spegel_node.apply import apply_mirrors
     from spegel_node.report import outcome_report
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     settings, layout = _settings_and_layout(common)
     outcome = apply_mirrors(common.node, layout, settings, dry_run=dry_run, use_gate=not no_gate)
     outcome_report(outcome, common.output)
     return outcome.exit_code
 
 
-@app.command()
+@node_command()
 def remove(
+    common: Common,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and a diff; write nothing.")
     ] = False,
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
 ) -> int:
     """Undo apply, restoring files byte for byte.
 
@@ -217,15 +240,15 @@ def remove(
     from spegel_node.apply import remove_mirrors
     from spegel_node.report import outcome_report
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     settings, layout = _settings_and_layout(common)
     outcome = remove_mirrors(common.node, layout, settings, dry_run=dry_run)
     outcome_report(outcome, common.output)
     return outcome.exit_code
 
 
-@app.command()
+@node_command()
 def validate(
+    common: Common,
     paths: Annotated[
         list[Path] | None,
         typer.Argument(help="hosts.toml files or hosts dirs (node paths under --root)."),
@@ -237,12 +260,6 @@ def validate(
         ),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors.")] = False,
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
 ) -> int:
     """Check hosts.toml files with containerd's rules.
 
@@ -258,7 +275,6 @@ def validate(
     from spegel_node.report import findings_report
     from spegel_node.validate_paths import validate_targets
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     version = None
     if containerd_version:
         from spegel_node.validate import parse_containerd_version
@@ -277,8 +293,9 @@ def validate(
     return 1 if failing else 0
 
 
-@app.command()
+@node_command()
 def doctor(
+    common: Common,
     image: Annotated[
         str | None,
         typer.Option(
@@ -294,12 +311,6 @@ def doctor(
             "written atomically), for node_exporter's textfile collector.",
         ),
     ] = None,
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
 ) -> int:
     """Say exactly what is wrong on this node, read-only.
 
@@ -317,7 +328,6 @@ def doctor(
     """
     from spegel_node.doctor import run_doctor
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     return run_doctor(
         common.node,
         config=common.config,
@@ -328,14 +338,9 @@ def doctor(
     )
 
 
-@app.command("helm-values")
+@node_command("helm-values")
 def helm_values_command(
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
+    common: Common,
 ) -> int:
     """Print the Spegel chart values for this node.
 
@@ -349,7 +354,6 @@ def helm_values_command(
     from spegel_node.helm_values import helm_values, to_yaml
     from spegel_node.output import print_json
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     settings, layout = _settings_and_layout(common)
     values = helm_values(layout, settings)
     if common.output == "json":
@@ -359,8 +363,9 @@ def helm_values_command(
     return 0
 
 
-@app.command("install-units")
+@node_command("install-units")
 def install_units_command(
+    common: Common,
     unit_dir: Annotated[
         Path | None,
         typer.Option(
@@ -378,12 +383,6 @@ def install_units_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print a diff of the units; write nothing.")
     ] = False,
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
 ) -> int:
     """Write the systemd repair timer and path unit.
 
@@ -403,7 +402,6 @@ def install_units_command(
     from spegel_node.apply import hosts_dir_of
     from spegel_node.units import install_report, install_units
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     settings, layout = _settings_and_layout(common)
     result = install_units(
         common.node,
@@ -411,7 +409,7 @@ def install_units_command(
         settings.registries,
         exec_path=exec_path,
         unit_dir=unit_dir,
-        config=None if config is None else common.node.display(config.absolute()),
+        config=None if common.config is None else common.node.display(common.config.absolute()),
         distro_owned=layout.flavor if layout.distro_owned else None,
         dry_run=dry_run,
     )
@@ -419,17 +417,12 @@ def install_units_command(
     return 0
 
 
-@app.command("configure-containerd")
+@node_command("configure-containerd")
 def configure_containerd_command(
+    common: Common,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the change as a diff; write nothing.")
     ] = False,
-    root: RootOpt = Path("/"),
-    output: OutputOpt = OutputFormat.text,
-    config: ConfigOpt = None,
-    hosts_dir: HostsDirOpt = None,
-    containerd_socket: SocketOpt = None,
-    containerd_config: CtrConfigOpt = None,
 ) -> int:
     """Make containerd read the hosts dir and keep layers.
 
@@ -452,7 +445,6 @@ def configure_containerd_command(
     from spegel_node.apply import hosts_dir_of, mirror_hosts
     from spegel_node.containerd_setup import configure_containerd, setup_report
 
-    common = _common(root, output, config, hosts_dir, containerd_socket, containerd_config)
     settings, layout = _settings_and_layout(common)
     urls = [m.url for m in mirror_hosts(settings)] if layout.flavor == "bottlerocket" else []
     outcome = configure_containerd(
