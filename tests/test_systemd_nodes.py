@@ -29,7 +29,14 @@ from pathlib import Path
 
 import pytest
 from support import nspawn
-from support.sandbox import RegistryProc, Request, build_oci_layout, free_port, parse_access_log
+from support.sandbox import (
+    RegistryProc,
+    Request,
+    build_oci_layout,
+    free_port,
+    parse_access_log,
+    registry_config,
+)
 
 pytestmark = pytest.mark.nspawn
 
@@ -77,25 +84,7 @@ capabilities = ["pull", "resolve", "push"]
 
 
 def _registry_config(name: str, port: int, proxy: str | None = None) -> str:
-    lines = [
-        "version: 0.1",
-        "log:",
-        "  level: info",
-        "  formatter: text",
-        "  accesslog:",
-        "    disabled: false",
-        "storage:",
-        "  filesystem:",
-        f"    rootdirectory: /srv/{name}/storage",
-        "  delete:",
-        "    enabled: true",
-        "http:",
-        f"  addr: 127.0.0.1:{port}",
-        f"  secret: test-{name}",
-    ]
-    if proxy:
-        lines += ["proxy:", f"  remoteurl: {proxy}"]
-    return "\n".join(lines) + "\n"
+    return registry_config(f"/srv/{name}/storage", f"127.0.0.1:{port}", f"test-{name}", proxy)
 
 
 def _registry_unit(name: str) -> str:

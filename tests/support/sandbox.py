@@ -207,6 +207,30 @@ class _Daemon:
         self._files = []
 
 
+def registry_config(storage: Path | str, addr: str, secret: str, proxy: str | None = None) -> str:
+    """A docker-registry (distribution 2.8) config: filesystem storage, text access log on
+    stdout, deletes allowed; with `proxy`, a pull-through cache of that upstream URL."""
+    lines = [
+        "version: 0.1",
+        "log:",
+        "  level: info",
+        "  formatter: text",
+        "  accesslog:",
+        "    disabled: false",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {storage}",
+        "  delete:",
+        "    enabled: true",
+        "http:",
+        f"  addr: {addr}",
+        f"  secret: {secret}",
+    ]
+    if proxy:
+        lines += ["proxy:", f"  remoteurl: {proxy}"]
+    return "\n".join(lines) + "\n"
+
+
 class RegistryProc(_Daemon):
     """`docker-registry serve` on 127.0.0.1:`port`, filesystem storage under `dir`.
 
@@ -245,25 +269,7 @@ class RegistryProc(_Daemon):
             raise
 
     def _config(self) -> str:
-        lines = [
-            "version: 0.1",
-            "log:",
-            "  level: info",
-            "  formatter: text",
-            "  accesslog:",
-            "    disabled: false",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {self.storage}",
-            "  delete:",
-            "    enabled: true",
-            "http:",
-            f"  addr: {self.host}",
-            f"  secret: sandbox-{self.name}",
-        ]
-        if self.remote_url:
-            lines += ["proxy:", f"  remoteurl: {self.remote_url}"]
-        return "\n".join(lines) + "\n"
+        return registry_config(self.storage, self.host, f"sandbox-{self.name}", self.remote_url)
 
     def _ready(self) -> bool:
         self._check_alive(self.log_path)
