@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from support.cli import Result, run_cli, tree_state
+from support.faults import after_scan
 
 HOSTS = "/etc/containerd/certs.d"
 PERSON_FILE = """\
@@ -237,19 +238,10 @@ capabilities = ["pull", "resolve", "push"]
 def test_a_file_rewritten_during_apply_is_not_clobbered(
     capsys: pytest.CaptureFixture[str], node: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spegel_node import hostsdir
-
     ghcr = hosts(node) / "ghcr.io/hosts.toml"
     ghcr.parent.mkdir(parents=True)
     ghcr.write_text(PERSON_FILE)
-    real_scan = hostsdir.scan
-
-    def scan_then_k3s_restarts(*args: object, **kwargs: object) -> object:
-        snapshot = real_scan(*args, **kwargs)  # type: ignore[arg-type]
-        ghcr.write_text(K3S_REWRITE)  # lands between apply's read and its rename
-        return snapshot
-
-    monkeypatch.setattr(hostsdir, "scan", scan_then_k3s_restarts)
+    after_scan(monkeypatch, lambda _: ghcr.write_text(K3S_REWRITE))  # k3s restarts mid-apply
     result = cli(capsys, node, "apply", "--no-gate")
     assert result.code == 0
     assert "ghcr.io/hosts.toml changed while apply ran" in result.err

@@ -21,6 +21,7 @@ from support.cli import run_cli, tree_state
 from support.faults import (
     SECRET_FILE,
     SPEGEL_NODE,
+    after_scan,
     console,
     hosts,
     hosts_files,
@@ -33,9 +34,7 @@ from support.faults import (
 )
 
 from spegel_node import apply as apply_module
-from spegel_node import hostsdir
 from spegel_node.cli import main
-from spegel_node.plan import HostsSnapshot
 
 
 @pytest.fixture
@@ -216,18 +215,11 @@ def test_vanished_hosts_dir_is_recreated(capsys: pytest.CaptureFixture[str], nod
 def test_hosts_dir_vanishing_during_apply_is_exit_1_then_converges(
     capsys: pytest.CaptureFixture[str], node: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_scan = hostsdir.scan
-
-    def scan_then_vanish(path: Path, display: str) -> HostsSnapshot:
-        snapshot = real_scan(path, display)
-        shutil.rmtree(path)
-        return snapshot
-
-    monkeypatch.setattr(apply_module.hostsdir, "scan", scan_then_vanish)
+    after_scan(monkeypatch, shutil.rmtree)
     result = run_cli(capsys, "apply", "--no-gate", "--root", str(node))
     assert result.code == 1
     assert "vanished; run apply again" in one_line_error(result.err)
-    monkeypatch.setattr(apply_module.hostsdir, "scan", real_scan)
+    monkeypatch.undo()
     assert run_cli(capsys, "apply", "--no-gate", "--root", str(node)).code == 0
     assert len(hosts_files(node)) == 6
     assert temp_files(node) == []

@@ -11,6 +11,7 @@ import pytest
 from support.cli import run_cli, tree_state
 from support.faults import (
     SECRET_FILE,
+    after_scan,
     console,
     hosts,
     hosts_files,
@@ -21,10 +22,7 @@ from support.faults import (
     temp_files,
 )
 
-from spegel_node import apply as apply_module
-from spegel_node import hostsdir
 from spegel_node.fsutil import TMP_PREFIX
-from spegel_node.plan import HostsSnapshot
 
 OUTSIDE_TEXT = "# not spegel-node's to touch\n"
 
@@ -108,17 +106,6 @@ def test_remove_never_deletes_through_a_symlink(
     assert not (hosts(node) / "ghcr.io").exists()  # the other registry was undone
 
 
-def _swap_after_scan(monkeypatch: pytest.MonkeyPatch, swap: object) -> None:
-    real_scan = hostsdir.scan
-
-    def scan_then_swap(path: Path, display: str) -> HostsSnapshot:
-        snapshot = real_scan(path, display)
-        swap()  # type: ignore[operator]
-        return snapshot
-
-    monkeypatch.setattr(apply_module.hostsdir, "scan", scan_then_swap)
-
-
 def test_registry_dir_swapped_for_a_symlink_after_the_scan_is_not_followed(
     capsys: pytest.CaptureFixture[str],
     node: Path,
@@ -129,11 +116,11 @@ def test_registry_dir_swapped_for_a_symlink_after_the_scan_is_not_followed(
     ghcr.mkdir(parents=True)
     (ghcr / "hosts.toml").write_text(SECRET_FILE)
 
-    def swap() -> None:
+    def swap(_: Path) -> None:
         ghcr.rename(hosts(node) / "ghcr.io.moved")
         ghcr.symlink_to(outside)
 
-    _swap_after_scan(monkeypatch, swap)
+    after_scan(monkeypatch, swap)
     before = tree_state(outside)
     result = run_cli(capsys, "apply", "--no-gate", "--root", str(node))
     assert result.code == 1
@@ -151,11 +138,11 @@ def test_hosts_toml_swapped_for_a_symlink_after_the_scan_is_refused_not_written_
     ghcr.mkdir(parents=True)
     (ghcr / "hosts.toml").write_text(SECRET_FILE)
 
-    def swap() -> None:
+    def swap(_: Path) -> None:
         (ghcr / "hosts.toml").unlink()
         (ghcr / "hosts.toml").symlink_to(outside / "hosts.toml")
 
-    _swap_after_scan(monkeypatch, swap)
+    after_scan(monkeypatch, swap)
     result = run_cli(capsys, "apply", "--no-gate", "--root", str(node))
     assert result.code == 1  # the re-read before the rename opens with O_NOFOLLOW
     assert "ghcr.io/hosts.toml: is a symlink (refusing to follow it)" in result.err

@@ -8,12 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from spegel_node import hostsdir
 from spegel_node.fsutil import TMP_PREFIX
+from spegel_node.plan import HostsSnapshot
 from support.fake_nodes import make_containerd, write
 
 HOSTS = "/etc/containerd/certs.d"
@@ -136,3 +138,16 @@ def one_line_error(stderr: str) -> str:
     assert "Traceback" not in stderr
     assert lines[0].startswith("spegel-node: error: "), stderr
     return lines[0]
+
+
+def after_scan(monkeypatch: pytest.MonkeyPatch, action: Callable[[Path], None]) -> None:
+    """Run `action(hosts_dir)` right after apply reads the hosts dir and before it writes: what
+    a k3s restart, a person or an attacker does while apply runs. `monkeypatch.undo()` ends it."""
+    real_scan = hostsdir.scan
+
+    def scan_then_act(path: Path, display: str) -> HostsSnapshot:
+        snapshot = real_scan(path, display)
+        action(path)
+        return snapshot
+
+    monkeypatch.setattr(hostsdir, "scan", scan_then_act)
