@@ -187,6 +187,18 @@ class _Daemon:
             preexec_fn=_die_with_parent,
         )
 
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _launch(self, argv: Sequence[str], stdout: Path, stderr: Path, what: str) -> None:
+        """Spawn, then wait until `_ready()`; a daemon that never gets ready is stopped again."""
+        self._spawn(argv, stdout, stderr)
+        try:
+            wait_until(self._ready, what)
+        except BaseException:
+            self.stop()
+            raise
+
     def _check_alive(self, log: Path) -> None:
         if self._proc is not None and self._proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:]
@@ -261,12 +273,7 @@ class RegistryProc(_Daemon):
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self._config())
         cmd = ["docker-registry", "serve", str(self.config_path)]
-        self._spawn(cmd, self.access_log, self.log_path)
-        try:
-            wait_until(self._ready, f"{self.name} registry on {self.host}")
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(cmd, self.access_log, self.log_path, f"{self.name} registry on {self.host}")
 
     def _config(self) -> str:
         return registry_config(self.storage, self.host, f"sandbox-{self.name}", self.remote_url)
@@ -340,12 +347,7 @@ class ContainerdProc(_Daemon):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self._config())
         cmd = ["containerd", "--config", str(self.config_path)]
-        self._spawn(cmd, self.log_path, self.log_path)
-        try:
-            wait_until(self._ready, f"containerd on {self.socket}")
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(cmd, self.log_path, self.log_path, f"containerd on {self.socket}")
 
     def _config(self) -> str:
         cri = 'plugins."io.containerd.grpc.v1.cri"'
