@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv systemd containerd docker-registry skopeo s
 APT_STAMP := $(VENV)/.apt-stamp
 VENV_STAMP := $(VENV)/.venv-stamp
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo test lint unit bench clean peers
 
 $(APT_STAMP):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -36,7 +36,11 @@ lint: $(VENV_STAMP)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
-test: $(VENV_STAMP) $(APT_STAMP) lint
+# Go test peers (containerd per line, crictl, Spegel, helm, judges) into a cache outside the repo.
+peers:
+	$(PY) tests/peers/build.py
+
+test: $(VENV_STAMP) $(APT_STAMP) lint peers
 	$(BIN)/pytest -q
 
 bench: $(VENV_STAMP) $(APT_STAMP)
