@@ -40,7 +40,9 @@ lint: $(VENV_STAMP)
 peers:
 	$(PY) tests/peers/build.py
 
-test: $(VENV_STAMP) $(APT_STAMP) lint peers
+test: $(VENV_STAMP) $(APT_STAMP) lint
+	@# a peer that cannot be built is named here; the tests that need it then fail (never skip)
+	@$(PY) tests/peers/build.py || echo "peers: not every test peer could be built (see above)"
 	$(BIN)/pytest -q
 
 bench: $(VENV_STAMP) $(APT_STAMP)
