@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from support.cli import run_cli
 from support.fake_nodes import (
     make_bottlerocket,
     make_containerd,
@@ -494,3 +495,36 @@ def test_short_plugin_name_under_a_version_2_main_file_stops_containerd(tmp_path
     assert "invalid plugin key URI" in real.stderr
     with pytest.raises(ContainerdConfigError, match="containerd will not start"):
         read_containerd_config(Node(Path("/")), str(main))
+
+
+# The containerd config goes through the same guarded loader as hosts.toml (tomlload): deep
+# nesting was a RecursionError traceback in detect and doctor, and one dotted key of 20,000
+# parts made tomllib spend about 6 s (doctor's bound is 5 s).
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        ("x = " + "[" * 5_000 + "]" * 5_000, "nested too deeply"),
+        ("x = " + "{a = " * 3_000 + "1" + "}" * 3_000, "nested too deeply"),
+        ("a" + ".a" * 20_000 + " = 1", "too complex to parse safely"),
+    ],
+)
+def test_hostile_containerd_config_is_one_clean_error(
+    tmp_path: Path, tail: str, reason: str
+) -> None:
+    node = Node(tmp_path)
+    write(tmp_path, "/etc/containerd/config.toml", "version = 2\n" + tail + "\n")
+    with pytest.raises(ContainerdConfigError) as err:
+        read_containerd_config(node, "/etc/containerd/config.toml")
+    assert reason in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", [["detect"], ["doctor"], ["configure-containerd", "--dry-run"]])
+def test_nested_containerd_config_never_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    make_containerd(tmp_path, config_path="/etc/containerd/certs.d")
+    write(tmp_path, "/etc/containerd/config.toml", "version = 2\nx = " + "[" * 5_000 + "]" * 5_000)
+    result = run_cli(capsys, *command, "--root", str(tmp_path), "-o", "json")
+    assert result.code in (0, 1)
+    assert "Traceback" not in result.err and "RecursionError" not in result.out + result.err
+    assert "nested too deeply" in result.out + result.err

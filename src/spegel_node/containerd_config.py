@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import glob
 import posixpath
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spegel_node import tomlload
 from spegel_node.errors import SpegelNodeError
 from spegel_node.node import Node
 
@@ -150,11 +150,9 @@ def _load(node: Node, path: str) -> dict[str, Any]:
     except OSError as e:
         raise _fail(path, f"cannot be read: {e.strerror}") from e
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise _fail(path, "is not UTF-8 text") from e
-    except tomllib.TOMLDecodeError as e:
-        raise _fail(path, f"is not valid TOML: {e}") from e
+        return tomlload.loads(raw)
+    except tomlload.TomlLoadError as e:
+        raise _fail(path, f"is {e}") from e
 
 
 def _get(path: str, table: dict[str, Any], key: str, want: type, where: str) -> Any:

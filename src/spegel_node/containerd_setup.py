@@ -37,7 +37,6 @@ import os
 import posixpath
 import stat
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any
 
 import tomlkit
 
-from spegel_node import fsutil
+from spegel_node import fsutil, tomlload
 from spegel_node.containerd_config import (
     V1_CRI,
     V2_CRI,
@@ -241,7 +240,7 @@ def _sets_v3_key(data: dict[str, Any]) -> bool:
 
 
 def _load_toml(node: Node, path: str) -> dict[str, Any]:
-    return tomllib.loads(node.path(path).read_text(encoding="utf-8"))
+    return tomlload.loads(node.path(path).read_bytes())
 
 
 def target_file(node: Node, config: ContainerdConfig) -> str:
@@ -272,7 +271,7 @@ def _k0s_managed(node: Node) -> bool:
 def _k0s_dropin_version(node: Node) -> tuple[int, str]:
     try:
         data = _load_toml(node, K0S_CRI)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+    except (OSError, tomlload.TomlLoadError):
         return 3, (
             f"{K0S_CRI} not found (k0s has not started yet?): wrote a version 3 drop-in, as for "
             "k0s with containerd 2.x"
@@ -347,7 +346,7 @@ def edit_config_text(text: str | None, version: int, wanted: Sequence[Placement]
     if text is None:
         body = config_snippet(version, **{p.key: p.value for p in wanted})  # type: ignore[arg-type]
         return f"{MANAGED_HEADER}version = {version}\n\n{body}"
-    before = tomllib.loads(text)
+    before = tomlload.loads(text)
     expected = copy.deepcopy(before)
     for p in wanted:
         _deep_set(expected, p)
@@ -368,8 +367,8 @@ def edit_config_text(text: str | None, version: int, wanted: Sequence[Placement]
     if missing:
         after = after.rstrip("\n") + "\n\n" + _tables_text(missing)
     try:
-        parsed = tomllib.loads(after)
-    except tomllib.TOMLDecodeError as e:
+        parsed = tomlload.loads(after)
+    except tomlload.TomlLoadError as e:
         raise UnsafeEdit(_manual(version, wanted, f"the edit would not be valid TOML ({e})")) from e
     if parsed != expected:
         raise UnsafeEdit(_manual(version, wanted, "the edit would change other settings"))

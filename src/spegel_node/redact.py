@@ -7,7 +7,8 @@ import tomllib
 from collections.abc import Iterable
 from typing import Any
 
-from spegel_node.hoststoml import redact_text, too_complex
+from spegel_node.hoststoml import redact_text
+from spegel_node.tomlload import too_complex
 
 REDACTED = "<redacted>"
 _SECTION = re.compile(r"^\s*\[")

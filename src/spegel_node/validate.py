@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from spegel_node.errors import BadInput
-from spegel_node.hoststoml import redact_text, redact_url, table_header_path, too_complex
+from spegel_node.hoststoml import redact_text, redact_url, table_header_path
 from spegel_node.registry import DEFAULT_DIR
 from spegel_node.settings import GO_DURATION
+from spegel_node.tomlload import too_complex
 
 ERROR = "error"
 WARNING = "warning"
