@@ -446,7 +446,7 @@ def configure_containerd_command(
     from spegel_node.containerd_setup import configure_containerd, setup_report
 
     settings, layout = _settings_and_layout(common)
-    urls = [m.url for m in mirror_hosts(settings)] if layout.flavor == "bottlerocket" else []
+    urls = [m.url for m in mirror_hosts(settings)] if layout.distro_owned else []
     outcome = configure_containerd(
         common.node,
         layout,

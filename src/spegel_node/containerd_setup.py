@@ -54,8 +54,9 @@ from spegel_node.containerd_config import (
     read_containerd_config,
 )
 from spegel_node.errors import Refused, SpegelNodeError
+from spegel_node.flavors import flavor as flavor_record
 from spegel_node.instructions import TALOS_DISCARD_PART, bottlerocket_settings
-from spegel_node.layout import DEFAULTS, Layout, parse_containerd_cmdline
+from spegel_node.layout import Layout, parse_containerd_cmdline
 from spegel_node.node import Node
 
 MANAGED_HEADER = "# managed by spegel-node configure-containerd\n"
@@ -64,7 +65,6 @@ K0S_DROPIN = "/etc/k0s/containerd.d/spegel-node.toml"
 K0S_CRI = "/run/k0s/containerd-cri.toml"
 K0S_UNITS = ("k0sworker.service", "k0scontroller.service")
 K0S_MARKER = "# k0s_managed=true"
-EDITABLE = ("containerd", "kind", "k0s")
 NEW_FILE_VERSION = 2  # read by containerd 1.x, migrated on load by 2.x
 CONFIG_MODE = 0o644
 START_SLACK_S = 0.05  # clock ticks and timestamp rounding
@@ -142,7 +142,7 @@ class SetupOutcome:
 
 def _refusal(layout: Layout, hosts_dir: str, mirror_urls: Sequence[str]) -> Refused | None:
     flavor = layout.flavor
-    config = layout.containerd_config or DEFAULTS[flavor].config
+    config = layout.containerd_config or flavor_record(flavor).config
     if flavor == "talos":
         return Refused(
             "Talos generates containerd's config from its machine config (/etc is read-only) and "
@@ -423,9 +423,9 @@ def plan_setup(
     refusal = _refusal(layout, hosts_dir, mirror_urls)
     if refusal is not None:
         raise refusal
-    if layout.flavor not in EDITABLE:  # a flavor added to layout.py but not handled here
+    if not flavor_record(layout.flavor).configurable:  # no refusal above, nor editable
         raise Refused(f"configure-containerd does not know how to configure {layout.flavor}")
-    config_file = layout.containerd_config or DEFAULTS[layout.flavor].config
+    config_file = layout.containerd_config or flavor_record(layout.flavor).config
     config = read_containerd_config(node, config_file) if node.path(config_file).exists() else None
     _check_config(config, hosts_dir, override)
     config_path = config.config_path if config and hosts_dir in config.hosts_dirs else hosts_dir
@@ -545,7 +545,7 @@ def configure_containerd(
 ) -> SetupOutcome:
     """Plan, and unless `dry_run` write, the containerd settings Spegel needs."""
     plan = plan_setup(node, layout, hosts_dir, override=override, mirror_urls=mirror_urls)
-    config_file = layout.containerd_config or DEFAULTS[layout.flavor].config
+    config_file = layout.containerd_config or flavor_record(layout.flavor).config
     notes: list[str] = []
     if plan.changed and not dry_run:
         _write(node, plan.path, plan.after)

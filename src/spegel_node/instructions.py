@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from spegel_node.flavors import flavor as flavor_record
 from spegel_node.registry import Registry
 
 TALOS_DISCARD_PART = """\
@@ -38,9 +39,10 @@ def bottlerocket_settings(registries: Sequence[Registry], mirror_urls: Sequence[
 
 
 def distro_owned_message(
-    flavor: str, registries: Sequence[Registry], mirror_urls: Sequence[str]
+    flavor: str | None, registries: Sequence[Registry], mirror_urls: Sequence[str]
 ) -> str:
-    if flavor == "talos":
+    """What to do instead of writing the hosts dir, on a flavor whose distro owns it."""
+    if flavor_record(flavor).owner == "machine-config":
         return (
             "Talos regenerates /etc/cri/conf.d/hosts from its machine config and /etc is read-only; "
             "put the mirrors in the machine config instead "

@@ -11,6 +11,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from spegel_node import flavors
 from spegel_node.containerd_config import (
     CONTENT_PLUGIN,
     ContainerdConfig,
@@ -18,12 +19,12 @@ from spegel_node.containerd_config import (
     read_containerd_config,
 )
 from spegel_node.errors import SpegelNodeError
+from spegel_node.flavors import Flavor
 from spegel_node.node import Node
 
-FLAVORS = ("k3s", "rke2", "talos", "k0s", "microk8s", "kind", "eks", "bottlerocket", "containerd")
-DEFAULT_SOCKET = "/run/containerd/containerd.sock"
-DEFAULT_CONFIG = "/etc/containerd/config.toml"
-DEFAULT_ROOT = "/var/lib/containerd"
+DEFAULT_SOCKET = flavors.DEFAULT_SOCKET
+DEFAULT_CONFIG = flavors.DEFAULT_CONFIG
+FLAVORS = tuple(flavors.FLAVORS)
 KUBEADM_MARKER = "/etc/kubernetes/kubelet.conf"
 OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
 # containerd instances that do not serve the kubelet (Talos system, Docker's, Bottlerocket host).
@@ -39,101 +40,6 @@ NON_CRI_SOCKETS = frozenset(
 
 class NoLayout(SpegelNodeError):
     """No containerd was found on the node (exit 1)."""
-
-
-@dataclass(frozen=True)
-class FlavorDefaults:
-    """A flavor's conventions (REFERENCE section 3)."""
-
-    socket: str
-    config: str
-    hosts_dir: str | None  # conventional hosts dir(s), ':'-separated like config_path
-    root: str  # containerd root (content store parent)
-    sets_config_path: bool  # the distro sets config_path by default
-    distro_owned: bool = False  # the distro owns the hosts dir: the agent must not write it
-
-
-_RANCHER = "/var/lib/rancher/{0}/agent"
-DEFAULTS: dict[str, FlavorDefaults] = {
-    "k3s": FlavorDefaults(
-        socket="/run/k3s/containerd/containerd.sock",
-        config=_RANCHER.format("k3s") + "/etc/containerd/config.toml",
-        hosts_dir=_RANCHER.format("k3s") + "/etc/containerd/certs.d",
-        root=_RANCHER.format("k3s") + "/containerd",
-        sets_config_path=True,
-    ),
-    "rke2": FlavorDefaults(
-        socket="/run/k3s/containerd/containerd.sock",
-        config=_RANCHER.format("rke2") + "/etc/containerd/config.toml",
-        hosts_dir=_RANCHER.format("rke2") + "/etc/containerd/certs.d",
-        root=_RANCHER.format("rke2") + "/containerd",
-        sets_config_path=True,
-    ),
-    "talos": FlavorDefaults(
-        socket=DEFAULT_SOCKET,
-        config="/etc/cri/containerd.toml",
-        hosts_dir="/etc/cri/conf.d/hosts",
-        root=DEFAULT_ROOT,
-        sets_config_path=True,
-        distro_owned=True,
-    ),
-    "k0s": FlavorDefaults(
-        socket="/run/k0s/containerd.sock",
-        config="/etc/k0s/containerd.toml",
-        hosts_dir=None,
-        root="/var/lib/k0s/containerd",
-        sets_config_path=False,
-    ),
-    "microk8s": FlavorDefaults(
-        socket="/var/snap/microk8s/common/run/containerd.sock",
-        config="/var/snap/microk8s/current/args/containerd.toml",
-        hosts_dir="/var/snap/microk8s/current/args/certs.d",
-        root="/var/snap/microk8s/common/var/lib/containerd",
-        sets_config_path=True,
-    ),
-    "kind": FlavorDefaults(
-        socket=DEFAULT_SOCKET,
-        config=DEFAULT_CONFIG,
-        hosts_dir="/etc/containerd/certs.d",
-        root=DEFAULT_ROOT,
-        sets_config_path=False,  # only from kind v0.27
-    ),
-    "eks": FlavorDefaults(
-        socket=DEFAULT_SOCKET,
-        config=DEFAULT_CONFIG,
-        hosts_dir="/etc/containerd/certs.d:/etc/docker/certs.d",
-        root=DEFAULT_ROOT,
-        sets_config_path=True,
-    ),
-    "bottlerocket": FlavorDefaults(
-        socket=DEFAULT_SOCKET,
-        config=DEFAULT_CONFIG,
-        hosts_dir=None,  # rendered from its API settings
-        root=DEFAULT_ROOT,
-        sets_config_path=False,
-        distro_owned=True,
-    ),
-    "containerd": FlavorDefaults(
-        socket=DEFAULT_SOCKET,
-        config=DEFAULT_CONFIG,
-        hosts_dir="/etc/containerd/certs.d",  # by convention; containerd < 2.2 has no default
-        root=DEFAULT_ROOT,
-        sets_config_path=False,
-    ),
-}
-
-# Path markers; Talos and Bottlerocket are told by /etc/os-release ID instead.
-MARKERS: dict[str, tuple[str, ...]] = {
-    "kind": ("/kind/version",),
-    "k3s": ("/var/lib/rancher/k3s", "/etc/rancher/k3s"),
-    "rke2": ("/var/lib/rancher/rke2", "/etc/rancher/rke2"),
-    "k0s": ("/etc/k0s", "/var/lib/k0s"),
-    "microk8s": ("/var/snap/microk8s", "/snap/microk8s"),
-    "eks": ("/usr/bin/nodeadm", "/etc/eks"),
-}
-OS_IDS = ("talos", "bottlerocket")
-# When several flavors' markers match (and nothing else decides), the first one wins.
-MARKER_ORDER = ("talos", "bottlerocket", "kind", "k3s", "rke2", "k0s", "microk8s", "eks")
 
 
 @dataclass(frozen=True)
@@ -258,7 +164,7 @@ def running_containerd() -> list[ContainerdProcess]:
     return out
 
 
-def _process_score(p: ContainerdProcess, d: FlavorDefaults) -> int:
+def _process_score(p: ContainerdProcess, d: Flavor) -> int:
     """How well a process fits a flavor: its config (3) and its socket (2); 0 = not this flavor."""
     return (p.effective_config == d.config) * 3 + ((p.address or DEFAULT_SOCKET) == d.socket) * 2
 
@@ -268,7 +174,7 @@ def _pick_process(procs: Sequence[ContainerdProcess], flavor: str) -> Containerd
 
     Plain containerd also takes any other containerd that is not a known non-CRI instance.
     """
-    d = DEFAULTS[flavor]
+    d = flavors.FLAVORS[flavor]
     best: tuple[int, ContainerdProcess | None] = (0, None)
     for p in procs:
         score = _process_score(p, d)
@@ -300,12 +206,12 @@ def _os_release_id(node: Node) -> tuple[str, str] | None:
 def _marker_hits(node: Node) -> dict[str, list[str]]:
     hits: dict[str, list[str]] = {}
     os_id = _os_release_id(node)
-    if os_id and os_id[1] in OS_IDS:
-        hits[os_id[1]] = [f"marker {os_id[0]} ID={os_id[1]}"]
-    for flavor, markers in MARKERS.items():
-        found = [f"marker {m}" for m in markers if node.path(m).exists()]
+    for f in flavors.FLAVORS.values():
+        if os_id and f.os_id and os_id[1] == f.os_id:
+            hits[f.name] = [f"marker {os_id[0]} ID={os_id[1]}"]
+        found = [f"marker {m}" for m in f.markers if node.path(m).exists()]
         if found:
-            hits[flavor] = found
+            hits[f.name] = found
     return hits
 
 
@@ -313,15 +219,17 @@ def _choose_flavor(
     node: Node, hits: dict[str, list[str]], procs: Sequence[ContainerdProcess]
 ) -> str | None:
     """Among flavors whose markers match: the one a process serves, else one whose config exists."""
-    matched = [f for f in MARKER_ORDER if f in hits]
+    matched = [f for f in flavors.FLAVORS if f in hits]
     if len(matched) <= 1:
         return matched[0] if matched else None
-    scores = {f: max((_process_score(p, DEFAULTS[f]) for p in procs), default=0) for f in matched}
+    scores = {
+        f: max((_process_score(p, flavors.FLAVORS[f]) for p in procs), default=0) for f in matched
+    }
     best = max(matched, key=lambda f: scores[f])  # the first of equals, in marker order
     if scores[best] > 0:
         return best
     for flavor in matched:
-        if node.path(DEFAULTS[flavor].config).is_file():
+        if node.path(flavors.FLAVORS[flavor].config).is_file():
             return flavor
     return matched[0]
 
@@ -336,8 +244,9 @@ def _plain_containerd(node: Node, procs: Sequence[ContainerdProcess]) -> bool:
 
 
 def _no_layout(node: Node) -> NoLayout:
+    os_ids = "|".join(f.os_id for f in flavors.FLAVORS.values() if f.os_id)
     markers = sorted(
-        {m for ms in MARKERS.values() for m in ms} | {"/etc/os-release ID=talos|bottlerocket"}
+        {m for f in flavors.FLAVORS.values() for m in f.markers} | {f"/etc/os-release ID={os_ids}"}
     )
     where = f" under {node.root}" if str(node.root) != "/" else ""
     return NoLayout(
@@ -381,7 +290,7 @@ def detect(
     evidence = list(hits.get(flavor, []))
     if flavor == "containerd" and node.path(KUBEADM_MARKER).exists():
         evidence.append(f"marker {KUBEADM_MARKER}")
-    d = DEFAULTS[flavor]
+    d = flavors.FLAVORS[flavor]
     if containerd_socket or containerd_config:
         # The operator named a containerd: only a process running with that config or socket
         # speaks for it (another daemon's --root would give the wrong content dir).
@@ -423,7 +332,7 @@ def _first(*values: str | None) -> str:
 
 
 def _config(
-    node: Node, d: FlavorDefaults, proc: ContainerdProcess | None, override: str
+    node: Node, d: Flavor, proc: ContainerdProcess | None, override: str
 ) -> tuple[str | None, ContainerdConfig | None, list[str]]:
     """The config file's node path (None if absent), its parsed form when readable, evidence."""
     path = override or (proc.effective_config if proc else d.config)
@@ -450,7 +359,7 @@ def _config_line(config: ContainerdConfig) -> str:
 
 
 def _hosts_dirs(
-    flavor: str, d: FlavorDefaults, config: ContainerdConfig | None, override: str
+    flavor: str, d: Flavor, config: ContainerdConfig | None, override: str
 ) -> tuple[tuple[str, ...], bool, list[str]]:
     """Hosts dirs (the one to write first), whether config_path is set, and evidence."""
     lines: list[str] = []

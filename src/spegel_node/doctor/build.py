@@ -16,6 +16,7 @@ from spegel_node.doctor.checks.layout import LayoutDetected
 from spegel_node.doctor.checks.spegel import SpegelImage, SpegelMetrics, SpegelReadyz, SpegelV2
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check
+from spegel_node.flavors import flavor as flavor_record
 
 
 def build_checks(facts: Facts) -> list[Check]:
@@ -33,7 +34,10 @@ def build_checks(facts: Facts) -> list[Check]:
     checks += [HostsShadowing(), SpegelV2(), SpegelReadyz(), SpegelMetrics()]
     if facts.image is not None:
         checks.append(SpegelImage(facts.image))
-    if facts.flavor in ("k3s", "rke2"):
-        checks += [EmbeddedRegistry(facts.flavor), RegistriesYaml(facts.flavor)]
+    record = flavor_record(facts.flavor)
+    if record.embedded_registry:
+        checks.append(EmbeddedRegistry(record.name))
+    if record.registries_yaml:
+        checks.append(RegistriesYaml(record.name))
     checks += [AgentDrift(), AgentGate(), AgentTimer()]
     return checks

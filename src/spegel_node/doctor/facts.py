@@ -28,6 +28,8 @@ from spegel_node.doctor import cri
 from spegel_node.doctor.imageref import ImageRef
 from spegel_node.doctor.probes import HttpResult, RunResult, http_request, run_program
 from spegel_node.errors import SpegelNodeError
+from spegel_node.flavors import COMMON_CONTAINERD, COMMON_CRICTL
+from spegel_node.flavors import flavor as flavor_record
 from spegel_node.layout import ContainerdProcess, Layout, detect, running_containerd
 from spegel_node.node import Node
 from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
@@ -40,20 +42,6 @@ FALLBACK_HOSTS_DIR = "/etc/containerd/certs.d"
 DEFAULT_CONFIG_PATH_SINCE: Version = (2, 2, 0)  # containerd's own default config_path (Linux)
 DEFAULT_CONFIG_PATH = ("/etc/containerd/certs.d", "/etc/docker/certs.d")
 MAX_FILE = 1 << 20
-
-# Where containerd's and crictl's binaries live, per flavor (node paths), most specific first.
-CONTAINERD_BINARIES: dict[str, tuple[str, ...]] = {
-    "k3s": ("/var/lib/rancher/k3s/data/current/bin/containerd",),
-    "rke2": ("/var/lib/rancher/rke2/bin/containerd",),
-    "microk8s": ("/snap/microk8s/current/bin/containerd",),
-    "k0s": ("/var/lib/k0s/bin/containerd",),
-}
-COMMON_CONTAINERD = ("/usr/bin/containerd", "/usr/local/bin/containerd")
-CRICTL_BINARIES: dict[str, tuple[str, ...]] = {
-    "k3s": ("/var/lib/rancher/k3s/data/current/bin/crictl",),
-    "rke2": ("/var/lib/rancher/rke2/bin/crictl",),
-}
-COMMON_CRICTL = ("/usr/bin/crictl", "/usr/local/bin/crictl")
 
 
 @dataclass(frozen=True)
@@ -331,7 +319,7 @@ class Facts:
     def _crictl_candidates(self) -> list[str]:
         if self._crictl_binaries is not None:
             return [b for b in self._crictl_binaries if os.access(b, os.X_OK)]
-        names = (*CRICTL_BINARIES.get(self.flavor or "", ()), *COMMON_CRICTL)
+        names = (*flavor_record(self.flavor).crictl_bins, *COMMON_CRICTL)
         return [str(self.node.path(n)) for n in names if os.access(self.node.path(n), os.X_OK)]
 
     @property
@@ -363,7 +351,7 @@ class Facts:
                 found.append(os.readlink(f"/proc/{proc.pid}/exe"))
             except OSError:
                 continue
-        names = (*CONTAINERD_BINARIES.get(self.flavor or "", ()), *COMMON_CONTAINERD)
+        names = (*flavor_record(self.flavor).containerd_bins, *COMMON_CONTAINERD)
         found += [str(self.node.path(n)) for n in names]
         usable = [b for b in dict.fromkeys(found) if os.access(b, os.X_OK)]
         return usable[:2]  # each run may take the program timeout: bound the total

@@ -6,33 +6,24 @@ import posixpath
 from typing import TYPE_CHECKING
 
 from spegel_node.containerd_config import config_snippet
-from spegel_node.instructions import bottlerocket_settings, talos_patch
+from spegel_node.flavors import DEFAULT_RESTART
+from spegel_node.flavors import flavor as flavor_record
+from spegel_node.instructions import bottlerocket_settings, distro_owned_message
 
 if TYPE_CHECKING:
     from spegel_node.doctor.facts import Facts
 
-RESTART: dict[str, str] = {
-    "k3s": "sudo systemctl restart k3s   # k3s-agent on agent nodes",
-    "rke2": "sudo systemctl restart rke2-server   # rke2-agent on agent nodes",
-    "k0s": "sudo systemctl restart k0sworker   # k0scontroller on controller+worker nodes",
-    "microk8s": "sudo snap restart microk8s",
-    "kind": "kind delete cluster && kind create cluster --config kind.yaml",
-    "talos": "talosctl --nodes NODE service cri restart",
-    "bottlerocket": "apiclient reboot",
-}
-DEFAULT_RESTART = "sudo systemctl restart containerd"
 APPLY = "spegel-node apply"
 TIMER_UNITS = ("spegel-node-repair.timer", "spegel-node-repair.path")
 ENABLE_TIMER = "sudo systemctl enable --now " + " ".join(TIMER_UNITS)
 
 
-CONFIGURABLE = ("containerd", "kind", "k0s")  # what `spegel-node configure-containerd` edits
 INSTALL_UNITS = "sudo spegel-node install-units && sudo systemctl daemon-reload"
 
 
 def restart_command(flavor: str | None) -> str:
     """The restart command, with a trailing `# comment` for the node-role variant."""
-    return RESTART.get(flavor or "", DEFAULT_RESTART)
+    return flavor_record(flavor).restart
 
 
 def restart_only(flavor: str | None) -> str:
@@ -110,7 +101,7 @@ def cri_fix(
         )
     where = _where(facts, flavor, version)
     note = ""
-    if flavor in CONFIGURABLE and use_local_image_pull is None:
+    if flavor_record(flavor).configurable and use_local_image_pull is None:
         note = f"\n(or let spegel-node make this change: `{configure_command(facts)}`)"
     config = facts.config
     if needs_v3 and config is not None and config.version < 3:
@@ -172,18 +163,8 @@ def _talos(snippet: str) -> str:
     )
 
 
-def talos_mirrors(facts: Facts) -> str:
-    return (
-        "Talos generates /etc/cri/conf.d/hosts from its machine config; save as spegel.yaml and "
-        "apply with `talosctl patch mc --nodes NODE --patch @spegel.yaml`:\n"
-        + talos_patch(facts.settings.registries, facts.mirror_urls).rstrip("\n")
-    )
-
-
 def mirrors_fix(facts: Facts) -> str:
     """How to get the Spegel mirror (back) into the hosts files on this flavor."""
-    if facts.flavor == "talos":
-        return talos_mirrors(facts)
-    if facts.flavor == "bottlerocket":
-        return cri_fix(facts)
+    if flavor_record(facts.flavor).distro_owned:
+        return distro_owned_message(facts.flavor, facts.settings.registries, facts.mirror_urls)
     return f"run `{apply_command(facts)}` (it puts the Spegel mirror first and keeps the rest)"

@@ -13,6 +13,7 @@ from spegel_node.doctor.checks.hosts import GATE_FIX
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.remedy import ENABLE_TIMER, INSTALL_UNITS, TIMER_UNITS, apply_command
+from spegel_node.flavors import flavor as flavor_record
 from spegel_node.hoststoml import HostsTomlError, host_urls
 from spegel_node.node import STATE_DIR
 from spegel_node.registry import DEFAULT_DIR
@@ -24,7 +25,6 @@ UNIT_DIRS = (
     "/usr/lib/systemd/system",
     "/lib/systemd/system",
 )
-NO_AGENT = ("talos", "bottlerocket")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class AgentDrift(Check):
         return "agent.drift"
 
     def run(self, facts: Facts) -> CheckResult:
-        if facts.flavor in NO_AGENT:
+        if flavor_record(facts.flavor).distro_owned:
             return self.skip(f"spegel-node does not write hosts files on {facts.flavor}")
         apply = apply_command(facts)
         if facts.record_error:
@@ -142,7 +142,7 @@ class AgentGate(Check):
         return "agent.gate"
 
     def run(self, facts: Facts) -> CheckResult:
-        if facts.flavor in NO_AGENT:
+        if flavor_record(facts.flavor).distro_owned:
             return self.skip(f"spegel-node does not write hosts files on {facts.flavor}")
         record = facts.record
         if record is None:
@@ -182,7 +182,7 @@ class AgentTimer(Check):
         return "agent.timer"
 
     def run(self, facts: Facts) -> CheckResult:
-        if facts.flavor in NO_AGENT:
+        if flavor_record(facts.flavor).distro_owned:
             return self.skip(f"the agent does not run on {facts.flavor} (no systemd units)")
         units = unit_state(facts)
         why = (

@@ -13,9 +13,9 @@ from spegel_node.doctor.checks import no_layout
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.remedy import cri_fix, restart_command
+from spegel_node.flavors import flavor as flavor_record
 
 LOCAL_PULL_SINCE = (2, 1, 0)
-DISCARDS_BY_DEFAULT = ("talos", "kind", "eks")
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ class DiscardUnpackedLayers(Check):
             if (
                 facts.config is None
                 and not setting.live_known
-                and layout.flavor in DISCARDS_BY_DEFAULT
+                and flavor_record(layout.flavor).discards_unpacked_layers
             ):
                 return self.warn(
                     f"cannot tell: no config file and no answer from containerd, and "
