@@ -14,6 +14,7 @@ from pathlib import Path
 
 from spegel_node import fsutil, gate, hostsdir, state
 from spegel_node.errors import Refused
+from spegel_node.flavors import FALLBACK_HOSTS_DIR
 from spegel_node.gate import ProbeResult
 from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
@@ -22,8 +23,6 @@ from spegel_node.node import STATE_DIR, Node
 from spegel_node.plan import HOSTS_TOML, MAX_HOSTS_TOML, Plan, plan_apply, plan_remove
 from spegel_node.settings import Settings, resolve_node_ip
 from spegel_node.state import GateState, Record
-
-FALLBACK_HOSTS_DIR = "/etc/containerd/certs.d"  # containerd 2.2's default config_path entry
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 DEFAULT_SOCKET = "/run/containerd/containerd.sock"
 DEFAULT_CONFIG = "/etc/containerd/config.toml"
 DEFAULT_ROOT = "/var/lib/containerd"
+# Where to write when a node names no hosts dir: the first entry of containerd 2.2's default
+# config_path, and the convention before it.
+FALLBACK_HOSTS_DIR = "/etc/containerd/certs.d"
 DEFAULT_RESTART = "sudo systemctl restart containerd"
 COMMON_CONTAINERD = ("/usr/bin/containerd", "/usr/local/bin/containerd")
 COMMON_CRICTL = ("/usr/bin/crictl", "/usr/local/bin/crictl")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from spegel_node.flavors import FALLBACK_HOSTS_DIR
 from spegel_node.layout import Layout
 from spegel_node.settings import Settings
 
@@ -12,7 +13,7 @@ from spegel_node.settings import Settings
 def helm_values(layout: Layout, settings: Settings) -> dict[str, Any]:
     spegel: dict[str, Any] = {
         "containerdSock": layout.containerd_socket,
-        "containerdRegistryConfigPath": layout.hosts_dir or "/etc/containerd/certs.d",
+        "containerdRegistryConfigPath": layout.hosts_dir or FALLBACK_HOSTS_DIR,
         "containerdContentPath": layout.content_dir,
         # spegel-node owns the hosts dir: Spegel's init container must not wipe it into _backup/
         "containerdMirrorAdd": False,

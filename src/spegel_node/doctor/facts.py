@@ -28,7 +28,7 @@ from spegel_node.doctor import cri
 from spegel_node.doctor.imageref import ImageRef
 from spegel_node.doctor.probes import HttpResult, RunResult, http_request, run_program
 from spegel_node.errors import SpegelNodeError
-from spegel_node.flavors import COMMON_CONTAINERD, COMMON_CRICTL
+from spegel_node.flavors import COMMON_CONTAINERD, COMMON_CRICTL, FALLBACK_HOSTS_DIR
 from spegel_node.flavors import flavor as flavor_record
 from spegel_node.layout import ContainerdProcess, Layout, detect, running_containerd
 from spegel_node.node import Node
@@ -38,7 +38,6 @@ from spegel_node.validate import Version, parse_containerd_version
 
 T = TypeVar("T")
 
-FALLBACK_HOSTS_DIR = "/etc/containerd/certs.d"
 DEFAULT_CONFIG_PATH_SINCE: Version = (2, 2, 0)  # containerd's own default config_path (Linux)
 DEFAULT_CONFIG_PATH = ("/etc/containerd/certs.d", "/etc/docker/certs.d")
 MAX_FILE = 1 << 20
