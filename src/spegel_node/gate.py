@@ -24,26 +24,20 @@ class ProbeResult:
 
 
 def probe_v2(mirror_url: str, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
-    """GET <mirror>/v2/ with a short timeout (to connect, then for each read); only a 200 counts
-    as healthy. `mirror_url` is the node's Spegel, `http://host:port`. One plain request with
-    the standard library: no redirects followed, no proxies, no retries."""
-    import http.client  # imported here: most commands never probe
-    from urllib.parse import urlsplit
+    """GET <mirror>/v2/, all of it (connect to last byte) within `timeout`; only a 200 counts
+    as healthy. `mirror_url` is the node's Spegel, `http://host:port`."""
+    from spegel_node.httpprobe import http_request  # imported here: most commands never probe
 
-    parts = urlsplit(mirror_url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
-    try:
-        conn.request("GET", "/v2/", headers={"User-Agent": USER_AGENT})
-        status = conn.getresponse().status
-    except TimeoutError:
+    answer = http_request(
+        mirror_url.rstrip("/") + "/v2/", timeout=timeout, max_body=65536, user_agent=USER_AGENT
+    )
+    if answer.status is not None:
+        return ProbeResult(answer.status == 200, f"HTTP {answer.status}")
+    if answer.timed_out:
         return ProbeResult(False, f"timed out after {timeout:g}s")
-    except ConnectionRefusedError:
-        return ProbeResult(False, "connection refused")
-    except (OSError, http.client.HTTPException):
-        return ProbeResult(False, "connection failed")
-    finally:
-        conn.close()
-    return ProbeResult(status == 200, f"HTTP {status}")
+    if answer.error == "connection refused":
+        return ProbeResult(False, answer.error)
+    return ProbeResult(False, "connection failed")
 
 
 def next_gate_state(
