@@ -505,3 +505,36 @@ def test_process_start_time_is_precise_to_a_tick() -> None:
     assert started is not None
     assert before - 0.05 <= started <= after + 0.05
     assert process_start_time(2**22 + 12345) is None
+
+
+SECRETS = ("s3cretPW-x", "dXNlcjpwYXNzd29yZA==", "idtok-12345", "hdrSecret-1", "Bearer tok-987")
+CREDENTIALED = f"""version = 2
+
+[plugins."io.containerd.grpc.v1.cri".registry]
+  [plugins."io.containerd.grpc.v1.cri".registry.configs."reg.example.com".auth]
+    username = "robot"
+    password = "{SECRETS[0]}"
+    auth = "{SECRETS[1]}"
+    identitytoken = "{SECRETS[2]}"
+  [plugins."io.containerd.grpc.v1.cri".registry.headers]
+    X-Secret = ["{SECRETS[3]}"]
+    Authorization = ["{SECRETS[4]}"]
+"""
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_registry_credentials_in_containerd_config_never_reach_the_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dry_run: bool, output: str
+) -> None:
+    fake_nodes.make_containerd(tmp_path)
+    config = tmp_path / "etc/containerd/config.toml"
+    config.write_text(CREDENTIALED)
+    args = ["configure-containerd", "--root", str(tmp_path), "-o", output]
+    result = run_cli(capsys, *args, *(["--dry-run"] if dry_run else []))
+    assert result.code == 0, result.err
+    assert "config_path" in result.out  # the diff is there
+    for secret in SECRETS:
+        assert secret not in result.out + result.err
+    if not dry_run:  # the file itself keeps them
+        assert all(secret in config.read_text() for secret in SECRETS)

@@ -58,6 +58,7 @@ from spegel_node.flavors import flavor as flavor_record
 from spegel_node.instructions import TALOS_DISCARD_PART, bottlerocket_settings
 from spegel_node.layout import Layout, parse_containerd_cmdline
 from spegel_node.node import Node
+from spegel_node.redact import redact_hosts_toml
 
 MANAGED_HEADER = "# managed by spegel-node configure-containerd\n"
 K0S_MAIN = "/etc/k0s/containerd.toml"
@@ -101,8 +102,8 @@ class SetupPlan:
     def diff(self) -> str:
         if not self.changed:
             return ""
-        before = (self.before or "").splitlines(keepends=True)
-        after = self.after.splitlines(keepends=True)
+        before = redact_hosts_toml(self.before or "").splitlines(keepends=True)
+        after = redact_hosts_toml(self.after).splitlines(keepends=True)
         old = self.path if self.before is not None else "/dev/null"
         return "".join(difflib.unified_diff(before, after, old, self.path))
 

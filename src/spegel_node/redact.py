@@ -1,4 +1,5 @@
-"""Header values in hosts.toml carry credentials: find them so no output ever shows them."""
+"""Credentials in TOML the agent shows (hosts.toml headers; containerd's registry `auth`,
+`headers`, passwords and tokens): find them so no output ever shows them."""
 
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ REDACTED = "<redacted>"
 _SECTION = re.compile(r"^\s*\[")
 _KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
 _KEY_LIKE = re.compile(rf"^\s*{_KEY}(?:\s*\.\s*{_KEY})*\s*=\s*")
+# Keys whose values (and everything below them) are secret: hosts.toml's `header`; containerd's
+# CRI registry `headers`, `auth` tables and their `password`, `auth`, `identitytoken` fields.
+SECRET_KEYS = frozenset({"header", "headers", "auth", "password", "identitytoken", "token"})
+_SECRET_WORD = re.compile(r"header|auth|password|token", re.IGNORECASE)
 # `header = {...}`, `header.Name = ...`, `x = { header = ... }`: everything after the `=`
-_HEADER_KEY = re.compile(r"^(.*?header[^=]*=\s*)(.+)$", re.IGNORECASE)
+_HEADER_KEY = re.compile(r"^(.*?(?:header|auth|password|token)[^=]*=\s*)(.+)$", re.IGNORECASE)
 
 
 def _is_header(key: object) -> bool:
-    return str(key).lower() == "header"
+    return str(key).lower() in SECRET_KEYS
 
 
 def _header_values(value: Any, under: bool = False) -> Iterable[Any]:
@@ -105,9 +110,9 @@ def _redact_lines(text: str) -> str:
                 in_string = ""
             body = body[: len(body) - len(body.lstrip())] + REDACTED
         elif _SECTION.match(body) and (not open_value or _section_like(body)):
-            in_header = "header" in body.lower()
+            in_header = bool(_SECRET_WORD.search(body))
             open_value = False
-        elif key and (in_header or "header" in key.group(0).lower()):
+        elif key and (in_header or _SECRET_WORD.search(key.group(0))):
             in_string = _opens_string(body[key.end() :])
             body, open_value = f"{key.group(0)}{_quote(REDACTED)}", True
         elif m := _HEADER_KEY.match(body):  # e.g. `"https://x" = { header = { ... } }`
