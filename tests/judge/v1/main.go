@@ -2,6 +2,7 @@
 // using that version's own remotes/docker/config package (built by tests/peers/build.py).
 //
 //	judge HOSTS_ROOT REGISTRY_HOST
+//	judge HOSTS_ROOT -   (registry hosts on stdin, one a line; one JSON line out for each)
 //
 // prints {"status": "used"|"dropped"|"error"|"panic", "error": "...", "hosts": [...]}:
 // "dropped" is a hosts.toml containerd only logs about and ignores (the pull goes upstream),
@@ -9,6 +10,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -25,7 +27,21 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: judge HOSTS_ROOT REGISTRY_HOST")
 		os.Exit(2)
 	}
-	report(os.Args[1], os.Args[2], func(ctx context.Context, root, host string) ([]docker.RegistryHost, error) {
+	hosts := []string{os.Args[2]}
+	if os.Args[2] == "-" {
+		hosts = nil
+		in := bufio.NewScanner(os.Stdin)
+		for in.Scan() {
+			hosts = append(hosts, in.Text())
+		}
+	}
+	for _, host := range hosts {
+		judge(os.Args[1], host)
+	}
+}
+
+func judge(root, host string) {
+	report(root, host, func(ctx context.Context, root, host string) ([]docker.RegistryHost, error) {
 		return config.ConfigureHosts(ctx, config.HostOptions{HostDir: config.HostDirFromRoot(root)})(host)
 	}, func(h docker.RegistryHost) (string, uint) {
 		return h.Scheme + "://" + h.Host + h.Path, uint(h.Capabilities)
