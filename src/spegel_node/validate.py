@@ -9,6 +9,7 @@ Finding. Messages never carry a header value (headers hold credentials) nor URL 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -32,6 +33,12 @@ MAX_FINDINGS = 100  # per file; one more "file.truncated" finding says how many 
 BACKUP_DIR = "_backup"  # where Spegel's init container moves what it found; not read by containerd
 DIAL_TIMEOUT_SINCE = (2, 0, 7)  # honoured from 2.0.7 within 2.0.x, and from 2.1.0
 REFERRERS_SINCE = (2, 2, 0)
+HOSTLESS_SINCE = (
+    1,
+    7,
+    32,
+)  # before: a file with no [host] table is dropped ("invalid `host` tree")
+GO_TOML_V2_SINCE = (2, 0, 0)  # containerd 2.x reads hosts.toml with go-toml v2, 1.x with v1
 
 HOST_KEYS = (
     "capabilities",
@@ -46,9 +53,18 @@ TOP_KEYS = ("server", "host", *HOST_KEYS)
 CAPABILITIES = ("pull", "resolve", "push")
 _VERSION = re.compile(r"v?(\d{1,6})\.(\d{1,6})(?:\.(\d{1,6}))?(?:[-+~][0-9A-Za-z.+~-]*)?")
 _SYNTAX_AT = re.compile(r"\(at line (\d+), column \d+\)")
-_BAD_HOST_CHAR = re.compile(r"[ {}|\\^`\"<>]")
+_BAD_HOST_CHAR = re.compile(r"[ {}|\\^`]")  # what Go's url.Parse refuses in a host
 _PORT_DIR = re.compile(r"(.+)_(\d+)_")
 _HEADER_START = re.compile(r"[ \t]*\[")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_COMMENT_CONTROL = re.compile(r"(?m)^[ \t]*#.*$")  # whole-line comments only
+_BRACKET_IN_HEADER_KEY = re.compile(r"""[ \t]*\[\[?[^#]*("[^"]*\][^"]*"|'[^']*\][^']*')""")
+# What go-toml v2 still decodes (and fails on) in a host containerd 2.x then ignores.
+_ESCAPED_HOST_HEADER = re.compile(
+    r'[ \t]*\[[ \t]*host[ \t]*\.[ \t]*"((?:[^"\\]|\\.)*\\(?:[^"\\]|\\.)*)"'
+)
+_V1_COMMENT = re.compile(r"(^|[\r\n])([ \t]*#[^\n]*)")
+_DECODED_TYPES = ("capabilities.type", "skip_verify.type", "override_path.type", "header.type")
 _KEY_START = re.compile(r"[ \t]*(?:\"([^\"\\]*)\"|'([^']*)'|([A-Za-z0-9_-]+))[ \t]*[=.]")
 
 Version = tuple[int, int, int]
@@ -244,6 +260,7 @@ class _Checker:
         self.root = root
         self.where = _Locator("")
         self.findings: list[Finding] = []
+        self.nonempty = False
 
     def run(self, data: bytes | str) -> dict[str, Any] | None:
         """Fill `findings`; the parsed document, None when it does not parse."""
@@ -264,6 +281,7 @@ class _Checker:
     # -- decoding
 
     def _parse(self, data: bytes | str) -> dict[str, Any] | None:
+        self.nonempty = len(data) > 0
         if len(data) > MAX_BYTES:
             self.findings.append(_too_large(self.path))
             return None
@@ -273,13 +291,18 @@ class _Checker:
                 data = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 line = raw.count(b"\n", 0, e.start) + 1
-                self.add(line, ERROR, "file.not_utf8", "not UTF-8 text")
-                return None
+                if not self._toml_v1:
+                    self.add(line, ERROR, "file.not_utf8", "not UTF-8 text")
+                    return None
+                self.add(line, WARNING, "file.not_utf8", "not UTF-8 text (go-toml v1 reads it)")
+                data = raw.decode("utf-8", errors="replace")
         if too_complex(data):
             self.add(
                 None, ERROR, "file.too_complex", "too many dotted key parts on one line to check"
             )
             return None
+        if self._toml_v1:
+            data = self._v1_lenient(data)
         self.where = _Locator(data)
         try:
             return tomllib.loads(data)
@@ -293,9 +316,50 @@ class _Checker:
             self.add(None, ERROR, "toml.syntax", "not valid TOML: nested too deeply")
         return None
 
+    @property
+    def _toml_v1(self) -> bool:
+        return self.version is not None and self.version < GO_TOML_V2_SINCE
+
+    def _v1_lenient(self, text: str) -> str:
+        """What go-toml v1 reads but tomllib refuses, made readable; and what v1 alone refuses."""
+        text = text.removeprefix("\ufeff")
+        # A lone CR ends a line for go-toml v1, except that a comment runs on to the next LF.
+        text = _V1_COMMENT.sub(lambda m: m.group(1) + m.group(2).replace("\r", " "), text)
+        text = re.sub(r"\r(?!\n)", "\n", text)
+        text = _COMMENT_CONTROL.sub(lambda m: _CONTROL.sub(" ", m.group(0)), text)
+        for number, line in enumerate(text.split("\n"), 1):
+            escaped = _ESCAPED_HOST_HEADER.match(line) if _HEADER_START.match(line) else None
+            if escaped and (problem := _url_problem(escaped.group(1))):
+                self.add(
+                    number,
+                    ERROR,
+                    "host.invalid",
+                    "go-toml v1 keeps escapes in a table header key as written: "
+                    f"[host.{_show_key(escaped.group(1))}]: {problem}",
+                )
+            if _HEADER_START.match(line) and _BRACKET_IN_HEADER_KEY.match(line):
+                self.add(
+                    number,
+                    ERROR,
+                    "table.bracket_in_key",
+                    "a table header key contains ']' (an IPv6 address): "
+                    f"containerd {_ver(self.version or (0, 0, 0))} (go-toml v1) drops the file",
+                )
+                break
+        return text
+
     # -- top level
 
     def _check_top(self, doc: dict[str, Any]) -> None:
+        hostless = "host" not in doc and self.nonempty  # an empty file is not read at all
+        if hostless and self.version is not None and self.version < HOSTLESS_SINCE:
+            self.add(
+                1,
+                ERROR,
+                "host.missing",
+                f'no [host."..."] table: containerd {_ver(self.version)} drops the file '
+                "(reads a file without one from 1.7.32)",
+            )
         if "server" in doc:
             self._check_server(doc["server"])
         self._check_fields(doc, "top level", (), TOP_KEYS)
@@ -316,19 +380,55 @@ class _Checker:
                 line, ERROR, "host.type", f"'host' must be a table of tables, not {_kind(hosts)}"
             )
             return
+        headed = {p[1] for p in self.where.tables if len(p) >= 2 and p[0] == "host"}
         for url, table in hosts.items():
             where = f"[host.{_show_key(url)}]"
             line = self.where.table(("host", url))
             if not isinstance(table, dict):
                 self.add(line, ERROR, "host.type", f"{where} must be a table, not {_kind(table)}")
                 continue
-            self._check_url(url, "host", where, line)
-            self._check_fields(table, where, ("host", url), HOST_KEYS)
+            if self._toml_v1 or self.version is None or url in headed:
+                self._check_url(url, "host", where, line)
+                self._check_fields(table, where, ("host", url), HOST_KEYS)
+            else:
+                self._ignored_host(url, table, where, line)
+
+    def _ignored_host(self, url: str, table: dict[str, Any], where: str, line: int | None) -> None:
+        """containerd 2.x lists hosts from [host."..."] headers only: a host written as dotted
+        keys or an inline table is decoded (types must fit) but never tried."""
+        ver = _ver(self.version or (0, 0, 0))
+        dotted = _dotted_keys(self.where.text, url)
+        if any(k.lower() == "skip_verify" for k in dotted[1:]):
+            self.add(
+                line,
+                ERROR,
+                "host.dotted_panic",
+                f"{where}: 'skip_verify' set by a dotted key after another: "
+                f"containerd {ver} (go-toml v2) panics decoding it",
+            )
+            return
+        self.add(
+            line,
+            WARNING,
+            "host.ignored",
+            f'{where} is not a [host."..."] table: containerd {ver} ignores it',
+        )
+        before = len(self.findings)
+        self._check_fields(table, where, ("host", url), HOST_KEYS)
+        for i in range(before, len(self.findings)):
+            f = self.findings[i]
+            decoded = f.code in _DECODED_TYPES or (
+                f.code == "dial_timeout.invalid" and "must be a string" in f.message
+            )
+            if f.severity == ERROR and not decoded:
+                self.findings[i] = Finding(f.path, f.line, WARNING, f.code, f.message)
 
     def _check_url(self, url: str, code: str, where: str, line: int | None) -> None:
         problem = _url_problem(url)
         if problem:
             self.add(line, ERROR, f"{code}.invalid", f"{where}: {problem}")
+        elif warning := _url_warning(url):
+            self.add(line, WARNING, f"{code}.unusable", f"{where}: {warning}")
         elif not url.startswith("http"):
             self.add(
                 line,
@@ -353,8 +453,9 @@ class _Checker:
         }
         for key, value in table.items():
             key_line = self.where.key(key, path)
-            if key in checks:
-                checks[key](value, f"{where}: '{key}'", key_line)
+            field = key.lower() if self.version is not None else key  # go-toml folds case
+            if field in checks:
+                checks[field](value, f"{where}: '{key}'", key_line)
             elif key not in known:
                 self._unknown_key(key, where, key_line)
 
@@ -511,10 +612,12 @@ class _Locator:
     """
 
     def __init__(self, text: str) -> None:
+        self.text = text
         self.tables: dict[tuple[str, ...], int] = {}
         self.keys: dict[tuple[tuple[str, ...], str], int] = {}
         table: tuple[str, ...] = ()
-        for number, line in enumerate(text.split("\n"), 1):
+        for number, raw in enumerate(text.split("\n"), 1):
+            line = raw.removesuffix("\r")
             path = table_header_path(line) if _HEADER_START.match(line) else None
             if path is not None:
                 table = path
@@ -544,16 +647,30 @@ def _url_problem(url: str) -> str | None:
         return "empty URL"
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         return "URL contains a control character"
-    if url.startswith("http") and not re.match(r"https?://", url):
-        return "URL starts with 'http' but is not http:// or https://"
-    if "://" in url and not url.startswith("http"):
-        return "scheme must be http or https"
-    rest = url.split("://", 1)[1] if "://" in url else url
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    host = authority.rsplit("@", 1)[-1]
-    if re.search(r"%(?![0-9A-Fa-f]{2})", url):
+    full = url if url.startswith("http") else "https://" + url
+    if re.search(r"%(?![0-9A-Fa-f]{2})", full):
         return "URL has an invalid %-escape"
-    return _host_problem(host)
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", full)
+    if not m:  # Go: no scheme, the whole URL is a path; a colon before any '/' is an error
+        head = re.split(r"[/?#]", full, maxsplit=1)[0]
+        return "first path segment in URL cannot contain colon" if ":" in head else None
+    rest = full[m.end() :]
+    if not rest.startswith("//"):
+        return None
+    authority = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
+    return _host_problem(authority.rsplit("@", 1)[-1])
+
+
+def _url_warning(url: str) -> str | None:
+    """What url.Parse accepts but makes the host fail at request time."""
+    full = url if url.startswith("http") else "https://" + url
+    m = re.match(r"(https?)://([^/?#]*)", full)
+    if not m:
+        return "not an http:// or https:// URL: this host fails at pull time"
+    host = m.group(2).rsplit("@", 1)[-1]
+    if not host or host.startswith(":") or host.endswith(":") or "://" in full[m.end() :]:
+        return "URL has no usable host: this host fails at pull time"
+    return None
 
 
 def _host_problem(host: str) -> str | None:
@@ -562,17 +679,35 @@ def _host_problem(host: str) -> str | None:
         if end < 0:
             return "missing ']' in host"
         port = host[end + 1 :]
-        if port and not re.fullmatch(r":\d*", port):
+        if port and not re.fullmatch(r":[0-9]*", port):
             return "invalid port after the IPv6 address"
+        if _BAD_HOST_CHAR.search(host):
+            return "invalid character in host"
+        try:  # Go 1.26's url.Parse checks the IP-literal (containerd 2.x is built with Go 1.24+)
+            ipaddress.IPv6Address(host[1:end].split("%", 1)[0])
+        except ValueError:
+            return "invalid IPv6 address in brackets"
         return None
-    name, colon, port = host.rpartition(":")
-    if colon and not port.isdigit() and port != "":
+    _, colon, port = host.partition(":")  # Go 1.26 splits at the first colon
+    if colon and not re.fullmatch(r"[0-9]*", port):
         return "port is not a number"
-    if not (name if colon else host):
-        return "URL has no host"
+    if "[" in host:
+        return "invalid IP-literal"
     if _BAD_HOST_CHAR.search(host):
         return "invalid character in host"
+    if re.search(r"%(?!25)[0-7][0-9A-Fa-f]", host):
+        return "invalid %-escape in host"
     return None
+
+
+def _dotted_keys(text: str, url: str) -> list[str]:
+    """The keys set below host `url` by dotted keys (`host."u".k = ...`), in file order."""
+    quoted = "|".join(re.escape(q) for q in (json.dumps(url, ensure_ascii=False), f"'{url}'"))
+    found = re.findall(
+        rf"(?m)^[ \t]*(?:host[ \t]*\.[ \t]*)?(?:{quoted})[ \t]*\.[ \t]*[\"']?([A-Za-z0-9_-]+)",
+        text,
+    )
+    return [str(k) for k in found]
 
 
 def _is_go_duration(value: str) -> bool:

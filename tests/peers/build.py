@@ -70,6 +70,17 @@ def _containerd(version: str) -> Peer:
     )
 
 
+# Judges: Debian's 1.6.20 (what the sandbox runs) plus every containerd peer above.
+JUDGE_VERSIONS = ("1.6.20", *CONTAINERD_VERSIONS.values())
+
+
+def _judge(version: str) -> Peer:
+    """tests/judge/v1 or v2, built against that version's remotes/docker/config."""
+    line = "v1" if version.startswith("1.") else "v2"
+    module = CONTAINERD_1 if line == "v1" else CONTAINERD_2
+    return Peer("judge", version, (), env={"CGO_ENABLED": "0"}, judge_src=line, module=module)
+
+
 PEERS: list[Peer] = [
     *(_containerd(v) for v in CONTAINERD_VERSIONS.values()),
     Peer("crictl", "1.34.0", ("sigs.k8s.io/cri-tools/cmd/crictl",), env={"CGO_ENABLED": "0"}),
@@ -83,6 +94,7 @@ PEERS: list[Peer] = [
         in_module="github.com/spegel-org/spegel",
     ),
     Peer("helm", "3.22.0", ("helm.sh/helm/v3/cmd/helm",), env={"CGO_ENABLED": "0"}),
+    *(_judge(v) for v in JUDGE_VERSIONS),
 ]
 
 
@@ -121,21 +133,64 @@ def _go_build_in_module(peer: Peer, log: Path) -> None:
             )
 
 
+def _replaces(go_mod: str) -> list[str]:
+    """The ``replace`` directives of a go.mod as ``go mod edit -replace`` arguments.
+
+    A dependency's replaces do not apply to the module that requires it, but containerd 1.6
+    pins genproto/googleapis there; without them `go mod tidy` picks versions it does not build
+    with (ambiguous genproto imports)."""
+    out: list[str] = []
+    block = False
+    for raw in go_mod.splitlines():
+        line = raw.split("//")[0].strip()
+        if line == "replace (":
+            block = True
+            continue
+        if block and line == ")":
+            block = False
+            continue
+        if line.startswith("replace "):
+            line = line.removeprefix("replace ").strip()
+        elif not block:
+            continue
+        if "=>" not in line:
+            continue
+        old, new = (side.strip().split() for side in line.split("=>", 1))
+        if len(new) != 2:  # a local-directory replace: nothing a requirer can use
+            continue
+        out.append(f"-replace={'@'.join(old)}={new[0]}@{new[1]}")
+    return out
+
+
 def _go_build_judge(peer: Peer, log: Path) -> None:
     """Our own judge program, built against one containerd version in a scratch module."""
     src = REPO / "tests" / "judge" / peer.judge_src
+    env = {**os.environ, **peer.env, "GOFLAGS": "-buildvcs=false", "GOWORK": "off"}
     with tempfile.TemporaryDirectory(prefix=f"judge-{peer.version}-") as tmp:
         work = Path(tmp)
         for f in src.glob("*.go"):
             shutil.copy2(f, work / f.name)
-        env = {**os.environ, **peer.env, "GOFLAGS": "-buildvcs=false", "GOWORK": "off"}
-        steps = [
-            ["go", "mod", "init", "spegelnode.test/judge"],
-            ["go", "mod", "edit", f"-require={peer.module}@v{peer.version}"],
-            ["go", "mod", "tidy"],
-            ["go", "build", "-o", str(peer.dir / "bin" / "judge"), "."],
-        ]
         with log.open("wb") as out:
+            info = subprocess.run(
+                ["go", "mod", "download", "-json", f"{peer.module}@v{peer.version}"],
+                env=env,
+                capture_output=True,
+                check=True,
+                cwd=work,
+            )
+            go_mod = Path(json.loads(info.stdout)["GoMod"]).read_text()
+            steps = [
+                ["go", "mod", "init", "spegelnode.test/judge"],
+                [
+                    "go",
+                    "mod",
+                    "edit",
+                    f"-require={peer.module}@v{peer.version}",
+                    *_replaces(go_mod),
+                ],
+                ["go", "mod", "tidy"],
+                ["go", "build", "-o", str(peer.dir / "bin" / "judge"), "."],
+            ]
             for step in steps:
                 subprocess.run(
                     step, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, check=True
