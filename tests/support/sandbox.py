@@ -352,6 +352,8 @@ class ContainerdProc(_Daemon):
         self.config_path = directory / "config.toml"
         self.log_path = directory / "containerd.log"
         self._version = ""
+        self.config_path_value = str(hosts_dir)  # CRI's config_path; may list several roots
+        self.config_extra = ""  # appended to config.toml (version 2) as is
 
     def start(self) -> None:
         for sub in ("root", "state"):
@@ -373,7 +375,8 @@ class ContainerdProc(_Daemon):
             f"  [{cri}.containerd]\n"
             "    discard_unpacked_layers = false\n"
             f"  [{cri}.registry]\n"
-            f'    config_path = "{self.hosts_dir}"\n'
+            f'    config_path = "{self.config_path_value}"\n'
+            f"{self.config_extra}"
         )
 
     def _ready(self) -> bool:
