@@ -12,6 +12,7 @@ tests that need it fail (``tests/support/peers.py``), never skip. Exit status 1 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -197,9 +198,19 @@ def _go_build_judge(peer: Peer, log: Path) -> None:
                 )
 
 
+def _source_digest(peer: Peer) -> str:
+    """For our own judges: a digest of their Go source, so an edit rebuilds them ("" otherwise)."""
+    if not peer.judge_src:
+        return ""
+    digest = hashlib.sha256()
+    for f in sorted((REPO / "tests" / "judge" / peer.judge_src).glob("*.go")):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def build(peer: Peer) -> bool:
     stamp = peer.dir / ".built"
-    if stamp.is_file():
+    if stamp.is_file() and _source_digest(peer) in ("", *stamp.read_text().split()[1:]):
         print(f"peers: {peer.name} {peer.version}: cached", flush=True)
         return True
     if peer.dir.exists():
@@ -220,7 +231,7 @@ def build(peer: Peer) -> bool:
         why = tail[0] if tail else str(exc)
         print(f"peers: {peer.name} {peer.version}: FAILED to build ({why}); log {log}", flush=True)
         return False
-    stamp.write_text(f"{time.time()}\n")
+    stamp.write_text(f"{time.time()} {_source_digest(peer)}\n".replace(" \n", "\n"))
     print(
         f"peers: {peer.name} {peer.version}: built in {time.monotonic() - started:.0f} s",
         flush=True,

@@ -332,8 +332,19 @@ def probe_v2(url: str, timeout: float = 0.5) -> bool:
 class ContainerdProc(_Daemon):
     """A standalone containerd daemon with everything under `dir`."""
 
-    def __init__(self, directory: Path, hosts_dir: Path, namespace: str = "sandbox") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        hosts_dir: Path,
+        namespace: str = "sandbox",
+        *,
+        binary: Path | None = None,
+        ctr_binary: Path | None = None,
+    ) -> None:
+        """`binary`/`ctr_binary`: another containerd build (a test peer); default Debian's."""
         super().__init__("containerd")
+        self.binary = str(binary or "containerd")
+        self.ctr_binary = str(ctr_binary or "ctr")
         self.dir = directory
         self.hosts_dir = hosts_dir
         self.namespace = namespace
@@ -341,12 +352,14 @@ class ContainerdProc(_Daemon):
         self.config_path = directory / "config.toml"
         self.log_path = directory / "containerd.log"
         self._version = ""
+        self.config_path_value = str(hosts_dir)  # CRI's config_path; may list several roots
+        self.config_extra = ""  # appended to config.toml (version 2) as is
 
     def start(self) -> None:
         for sub in ("root", "state"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self._config())
-        cmd = ["containerd", "--config", str(self.config_path)]
+        cmd = [self.binary, "--config", str(self.config_path)]
         self._launch(cmd, self.log_path, self.log_path, f"containerd on {self.socket}")
 
     def _config(self) -> str:
@@ -362,7 +375,8 @@ class ContainerdProc(_Daemon):
             f"  [{cri}.containerd]\n"
             "    discard_unpacked_layers = false\n"
             f"  [{cri}.registry]\n"
-            f'    config_path = "{self.hosts_dir}"\n'
+            f'    config_path = "{self.config_path_value}"\n'
+            f"{self.config_extra}"
         )
 
     def _ready(self) -> bool:
@@ -373,7 +387,7 @@ class ContainerdProc(_Daemon):
         self, *args: str, namespace: str | None = None, timeout: float = PULL_TIMEOUT_S
     ) -> subprocess.CompletedProcess[str]:
         """Run `ctr -a SOCKET -n NAMESPACE ARGS...` (text output, never raises on failure)."""
-        cmd = ["ctr", "-a", str(self.socket), "-n", namespace or self.namespace, *args]
+        cmd = [self.ctr_binary, "-a", str(self.socket), "-n", namespace or self.namespace, *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
     @property
@@ -509,10 +523,20 @@ class Sandbox:
         namespace: str = "sandbox",
         image_repo: str = "sandbox/hello",
         image_tag: str = "v1",
+        containerd_version: str | None = None,
     ) -> None:
+        """`containerd_version`: run that pinned test peer (`make peers`), not Debian's 1.6.20."""
         self.root = _temp_root()
         self.hosts_dir = self.root / "certs.d"
-        self.containerd = ContainerdProc(self.root / "containerd", self.hosts_dir, namespace)
+        binaries: dict[str, Path] = {}
+        if containerd_version is not None:
+            from support.peers import peer_bin  # only here: it needs the peer cache
+
+            binaries["binary"] = peer_bin("containerd", version=containerd_version)
+            binaries["ctr_binary"] = peer_bin("containerd", "ctr", containerd_version)
+        self.containerd = ContainerdProc(
+            self.root / "containerd", self.hosts_dir, namespace, **binaries
+        )
         up_port, spegel_port = _two_free_ports()
         self.upstream = RegistryProc("upstream", self.root / "upstream", up_port)
         self.spegel = RegistryProc(

@@ -1,0 +1,100 @@
+"""The kubelet's path: a CRI PullImage (`crictl pull`) on each containerd peer, hosts.toml read
+by the daemon from `config_path` (not `ctr --hosts-dir`), and the registries' access logs
+proving which host served."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from support.peers import CONTAINERD_VERSIONS, peer_bin
+from support.sandbox import Request, Sandbox
+
+
+def _crictl_pull(sb: Sandbox) -> subprocess.CompletedProcess[str]:
+    endpoint = f"unix://{sb.containerd.socket}"
+    cmd = [str(peer_bin("crictl")), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint]
+    return subprocess.run(
+        [*cmd, "pull", sb.image_ref], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _fetched(requests: list[Request]) -> bool:
+    return any("/manifests/" in r.path for r in requests) and any(
+        "/blobs/" in r.path for r in requests
+    )
+
+
+@pytest.mark.parametrize("version", CONTAINERD_VERSIONS.values())
+def test_crictl_pull_is_served_by_the_mirror(version: str) -> None:
+    with Sandbox(containerd_version=version) as sb:
+        assert sb.containerd.version.startswith(version), sb.containerd.version
+        sb.write_hosts_toml(
+            f'server = "{sb.upstream.url}"\n\n'
+            f'[host."{sb.spegel.url}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        up, mirror = sb.upstream.mark(), sb.spegel.mark()
+        result = _crictl_pull(sb)
+        assert result.returncode == 0, result.stderr[-2000:]
+        served = sb.spegel.containerd_requests(since=mirror)
+        assert _fetched(served), served
+        assert all(r.user_agent.startswith(f"containerd/{version}") for r in served)
+        assert sb.upstream.containerd_requests(since=up) == []
+
+
+def test_crictl_pull_without_hosts_toml_goes_upstream() -> None:
+    """The control: the same pull with no hosts.toml reaches upstream, never the mirror."""
+    with Sandbox(containerd_version=CONTAINERD_VERSIONS["2.3"]) as sb:
+        up, mirror = sb.upstream.mark(), sb.spegel.mark()
+        result = _crictl_pull(sb)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert _fetched(sb.upstream.containerd_requests(since=up))
+        assert sb.spegel.containerd_requests(since=mirror) == []
+
+
+TRANSFER_SINCE = [v for k, v in CONTAINERD_VERSIONS.items() if k >= "2.1"]
+
+
+def _multi_root_pull(version: str, extra: str) -> tuple[list[Request], list[Request]]:
+    """A CRI pull with `config_path = "<hosts>:<empty root>"`; (mirror, upstream) requests."""
+    with Sandbox(containerd_version=version) as sb:
+        other = sb.root / "more-certs.d"
+        other.mkdir()
+        sb.containerd.stop()
+        sb.containerd.config_path_value = f"{sb.hosts_dir}:{other}"
+        sb.containerd.config_extra = extra
+        sb.containerd.start()
+        sb.write_hosts_toml(
+            f'server = "{sb.upstream.url}"\n\n'
+            f'[host."{sb.spegel.url}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        up, mirror = sb.upstream.mark(), sb.spegel.mark()
+        result = _crictl_pull(sb)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return sb.spegel.containerd_requests(since=mirror), sb.upstream.containerd_requests(
+            since=up
+        )
+
+
+LOCAL_PULL = '\n[plugins."io.containerd.cri.v1.images"]\n  use_local_image_pull = true\n'
+
+
+@pytest.mark.parametrize("version", TRANSFER_SINCE)
+def test_multi_root_config_path_is_ignored_by_the_transfer_service(version: str) -> None:
+    """containerd #12415/#12636: on 2.1+ CRI pulls through the transfer service, which reads
+    one hosts root only: with several roots in config_path no hosts.toml is read."""
+    mirror, upstream = _multi_root_pull(version, "")
+    assert mirror == [] and _fetched(upstream), (mirror, upstream)
+
+
+@pytest.mark.parametrize("version", TRANSFER_SINCE)
+def test_multi_root_config_path_works_with_use_local_image_pull(version: str) -> None:
+    """The fix doctor names (besides one root): `use_local_image_pull = true`."""
+    mirror, upstream = _multi_root_pull(version, LOCAL_PULL)
+    assert _fetched(mirror) and upstream == [], (mirror, upstream)
+
+
+@pytest.mark.parametrize("version", [v for v in CONTAINERD_VERSIONS.values() if v < "2.1"])
+def test_multi_root_config_path_works_before_the_transfer_service(version: str) -> None:
+    mirror, upstream = _multi_root_pull(version, "")
+    assert _fetched(mirror) and upstream == [], (mirror, upstream)
