@@ -4,7 +4,9 @@ proving which host served."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 
 import pytest
 from support.peers import CONTAINERD_VERSIONS, peer_bin
@@ -55,8 +57,24 @@ def test_crictl_pull_without_hosts_toml_goes_upstream() -> None:
 TRANSFER_SINCE = [v for k, v in CONTAINERD_VERSIONS.items() if k >= "2.1"]
 
 
-def _multi_root_pull(version: str, extra: str) -> tuple[list[Request], list[Request]]:
-    """A CRI pull with `config_path = "<hosts>:<empty root>"`; (mirror, upstream) requests."""
+def _doctor_local_pull_check(sb: Sandbox) -> dict[str, str]:
+    """doctor's containerd.local_image_pull against this live containerd (its socket and config)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "spegel_node", "doctor", "-o", "json",
+         "--containerd-socket", str(sb.containerd.socket),
+         "--containerd-config", str(sb.containerd.config_path),
+         "--hosts-dir", str(sb.hosts_dir)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    checks = {c["id"]: c for c in json.loads(result.stdout)["checks"]}
+    return checks["containerd.local_image_pull"]
+
+
+def _multi_root_pull(
+    version: str, extra: str
+) -> tuple[list[Request], list[Request], dict[str, str]]:
+    """A CRI pull with `config_path = "<hosts>:<empty root>"`; (mirror, upstream) requests and
+    what doctor says of it."""
     with Sandbox(containerd_version=version) as sb:
         other = sb.root / "more-certs.d"
         other.mkdir()
@@ -71,8 +89,11 @@ def _multi_root_pull(version: str, extra: str) -> tuple[list[Request], list[Requ
         up, mirror = sb.upstream.mark(), sb.spegel.mark()
         result = _crictl_pull(sb)
         assert result.returncode == 0, result.stderr[-2000:]
-        return sb.spegel.containerd_requests(since=mirror), sb.upstream.containerd_requests(
-            since=up
+        verdict = _doctor_local_pull_check(sb)
+        return (
+            sb.spegel.containerd_requests(since=mirror),
+            sb.upstream.containerd_requests(since=up),
+            verdict,
         )
 
 
@@ -83,18 +104,22 @@ LOCAL_PULL = '\n[plugins."io.containerd.cri.v1.images"]\n  use_local_image_pull 
 def test_multi_root_config_path_is_ignored_by_the_transfer_service(version: str) -> None:
     """containerd #12415/#12636: on 2.1+ CRI pulls through the transfer service, which reads
     one hosts root only: with several roots in config_path no hosts.toml is read."""
-    mirror, upstream = _multi_root_pull(version, "")
+    mirror, upstream, verdict = _multi_root_pull(version, "")
     assert mirror == [] and _fetched(upstream), (mirror, upstream)
+    assert verdict["status"] == "fail" and "2 roots" in verdict["summary"], verdict
+    assert "use_local_image_pull = true" in verdict["remediation"]
 
 
 @pytest.mark.parametrize("version", TRANSFER_SINCE)
 def test_multi_root_config_path_works_with_use_local_image_pull(version: str) -> None:
     """The fix doctor names (besides one root): `use_local_image_pull = true`."""
-    mirror, upstream = _multi_root_pull(version, LOCAL_PULL)
+    mirror, upstream, verdict = _multi_root_pull(version, LOCAL_PULL)
     assert _fetched(mirror) and upstream == [], (mirror, upstream)
+    assert verdict["status"] == "pass", verdict
 
 
 @pytest.mark.parametrize("version", [v for v in CONTAINERD_VERSIONS.values() if v < "2.1"])
 def test_multi_root_config_path_works_before_the_transfer_service(version: str) -> None:
-    mirror, upstream = _multi_root_pull(version, "")
+    mirror, upstream, verdict = _multi_root_pull(version, "")
     assert _fetched(mirror) and upstream == [], (mirror, upstream)
+    assert verdict["status"] == "skip", verdict  # no transfer-service pulls before 2.1

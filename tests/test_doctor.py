@@ -374,27 +374,36 @@ def test_bottlerocket_fix_is_its_api_settings(
     ("imports", "where"),
     [(True, "config-v3.toml.d/50-spegel.toml"), (False, "config-v3.toml.tmpl")],
 )
-def test_k3s_on_containerd_2_1_needs_local_image_pull(
+def test_k3s_on_containerd_2_1_multi_root_config_path_needs_local_image_pull(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     spegel: FakeSpegel,
     imports: bool,
     where: str,
 ) -> None:
+    """Measured (tests/test_cri_pull.py): on 2.1+ the transfer service reads hosts.toml from one
+    config_path root and ignores a config_path of several; use_local_image_pull = true fixes it."""
     make_k3s(tmp_path, imports=imports)
     config(tmp_path, spegel.port)
     hosts = "/var/lib/rancher/k3s/agent/etc/containerd/certs.d"
     sock = tmp_path / "run/k3s/containerd/containerd.sock"
     with FakeContainerd(sock, version="v2.1.3-k3s1", config=cri_config(hosts)):
         c = check(doctor_json(capsys, tmp_path), "containerd.local_image_pull")
-    assert c["status"] == "warn" and "containerd 2.1.3-k3s1" in c["summary"]
-    assert "Spegel #1272" in c["summary"]
+    assert c["status"] == "pass" and "one config_path root" in c["summary"]
+    two_roots = f"{hosts}:/etc/docker/certs.d"
+    with FakeContainerd(sock, version="v2.1.3-k3s1", config=cri_config(two_roots)):
+        c = check(doctor_json(capsys, tmp_path), "containerd.local_image_pull")
+    assert c["status"] == "fail" and "containerd 2.1.3-k3s1" in c["summary"]
+    assert "2 roots" in c["summary"] and "Spegel #1272" in c["summary"]
     assert where in c["remediation"]
+    assert f'config_path = "{hosts}"' in c["remediation"]
     assert (
         '[plugins."io.containerd.cri.v1.images"]\n    use_local_image_pull = true'
         in c["remediation"]
     )
-    with FakeContainerd(sock, version="2.1.3", config=cri_config(hosts, use_local_image_pull=True)):
+    with FakeContainerd(
+        sock, version="2.1.3", config=cri_config(two_roots, use_local_image_pull=True)
+    ):
         c = check(doctor_json(capsys, tmp_path), "containerd.local_image_pull")
     assert c["status"] == "pass" and "running containerd" in c["summary"]
 
@@ -407,11 +416,16 @@ def test_live_values_win_over_the_file(
     c = check(doctor_json(capsys, healthy), "containerd.discard_unpacked_layers")
     assert c["status"] == "fail" and "the running containerd" in c["summary"]
     assert "already says false; restart containerd" in c["remediation"]
-    # config_path set in the file, but not in the running containerd
-    ctd.config = cri_config("")
+    # config_path set in the file, but not in the running containerd: only 1.x's CRI status
+    # carries the registry settings (2.1.9 answers an empty configPath whatever it uses)
+    ctd.config, ctd.version = cri_config(""), "1.7.35"
     c = check(doctor_json(capsys, healthy), "containerd.config_path")
     assert c["status"] == "fail" and "not restarted since" in c["summary"]
     assert c["remediation"] == "restart containerd: sudo systemctl restart containerd"
+    ctd.version = "2.1.9"
+    c = check(doctor_json(capsys, healthy), "containerd.config_path")
+    assert c["status"] == "pass", c
+    ctd.version = "2.0.4"
     # the file discards, the running containerd does not (yet)
     ctd.config = cri_config(HOSTS)
     text = (healthy / "etc/containerd/config.toml").read_text()

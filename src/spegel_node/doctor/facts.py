@@ -369,7 +369,10 @@ class Facts:
             live_value = getattr(live, key)
             if live_value == "":
                 live_value = None
-            if live_value is not None or key == "config_path":
+            # An empty live config_path means "none" only on 1.x: 2.x's CRI status does not carry
+            # the images plugin's registry settings (2.1.9 reports an empty configPath there).
+            empty_is_none = self.containerd_version.at_least((2, 0, 0)) is not True
+            if live_value is not None or (key == "config_path" and empty_is_none):
                 return Setting(live_value, live.source, file_value, live_value, True)
         return Setting(file_value, where, file_value, None, False)
 
