@@ -363,6 +363,44 @@ def helm_values_command(
     return 0
 
 
+@node_command("run")
+def run_command(
+    common: Common,
+    no_gate: Annotated[
+        bool, typer.Option("--no-gate", help="Advertise the mirror without probing /v2/.")
+    ] = False,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ready-file",
+            help="Write FILE (used as given) once the first apply is done; removed on exit.",
+        ),
+    ] = None,
+) -> int:
+    """Keep the node applied: watch the hosts dir, probe /v2/, repair at once.
+
+    Watches the hosts dir and each registry dir (inotify) and runs apply within milliseconds
+    of a change; probes the mirror's /v2/ every probe_interval and runs the gate on it. One
+    key=value line per event on stderr. SIGTERM exits 0; SIGHUP reloads the config (a bad one
+    is logged and the last good one kept). Exit 2 on a bad config at start. Under systemd
+    (Type=notify) it sends READY=1 after the first apply.
+
+    Examples:
+
+      spegel-node run
+
+      spegel-node run --root /host --ready-file /tmp/ready
+    """
+    from spegel_node.reconcile import run_reconciler
+
+    return run_reconciler(
+        common.node,
+        lambda: _settings_and_layout(common),
+        use_gate=not no_gate,
+        ready_file=ready_file,
+    )
+
+
 @node_command("install-units")
 def install_units_command(
     common: Common,
