@@ -39,6 +39,11 @@ app = typer.Typer(
 )
 
 
+class UnitMode(StrEnum):
+    timer = "timer"
+    service = "service"
+
+
 class OutputFormat(StrEnum):
     text = "text"
     json = "json"
@@ -421,6 +426,14 @@ def install_units_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print a diff of the units; write nothing.")
     ] = False,
+    mode: Annotated[
+        UnitMode,
+        typer.Option(
+            "--mode",
+            help="timer: repair service + timer + path unit; service: one Type=notify "
+            "spegel-node.service running `run`.",
+        ),
+    ] = UnitMode.timer,
 ) -> int:
     """Write the systemd repair timer and path unit.
 
@@ -450,6 +463,7 @@ def install_units_command(
         config=None if common.config is None else common.node.display(common.config.absolute()),
         distro_owned=layout.flavor if layout.distro_owned else None,
         dry_run=dry_run,
+        mode=UnitMode(mode).value,
     )
     install_report(result, common.output)
     return 0
