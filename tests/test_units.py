@@ -17,7 +17,7 @@ import pytest
 from support.cli import Result, run_cli, tree_state
 from support.fake_nodes import BUILDERS, make_containerd, make_k3s, write
 
-from spegel_node.units import PATH, SERVICE, TIMER, UNIT_NAMES
+from spegel_node.units import PATH, RUN_SERVICE, SERVICE, TIMER, UNIT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 EXEC = "/opt/spegel-node/bin/spegel-node"
@@ -312,3 +312,53 @@ def test_service_exposure_is_at_most_3(
     record_property("exposure", exposure)
     print(f"systemd-analyze security: {SERVICE} exposure {exposure}")
     assert exposure <= 3.0, proc.stdout
+
+
+# --- --mode service: one long-running `run` -------------------------------------------------------
+
+
+@pytest.fixture
+def rendered_service(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Path:
+    make_containerd(tmp_path / "node", config_path=CONTAINERD_HOSTS)
+    real_exec = Path(sys.executable).parent / "spegel-node"
+    out = tmp_path / "units"
+    result = install(
+        capsys,
+        tmp_path / "node",
+        *("--mode", "service", "--exec", str(real_exec), "--unit-dir", str(out)),
+    )
+    assert result.code == 0, result.err
+    return out
+
+
+def test_service_mode_writes_one_hardened_notify_unit(rendered_service: Path) -> None:
+    assert sorted(p.name for p in rendered_service.iterdir()) == [RUN_SERVICE]
+    text = (rendered_service / RUN_SERVICE).read_text()
+    assert directives(text, "Type") == ["notify"]
+    assert directives(text, "ExecStart")[0].split()[1:3] == ["run", "--hosts-dir"]
+    assert directives(text, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    assert directives(text, "Restart") == ["on-failure"]
+    assert directives(text, "ProtectSystem") == ["strict"]
+    assert directives(text, "NoNewPrivileges") == ["yes"]
+    assert directives(text, "WantedBy") == ["multi-user.target"]
+
+
+@needs_systemd_analyze
+def test_service_mode_verify_is_clean_and_exposure_at_most_3(rendered_service: Path) -> None:
+    unit = str(rendered_service / RUN_SERVICE)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [
+        line for line in (proc.stdout + proc.stderr).splitlines() if "spegel-node" in line
+    ] == []
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", unit],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert float(match[1]) <= 3.0, proc.stdout

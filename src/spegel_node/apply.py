@@ -87,10 +87,17 @@ def _check_record_dir(record: Record, hosts_dir: str) -> None:
 
 
 def _gate_step(
-    record: Record, settings: Settings, mirror_url: str, use_gate: bool, dry_run: bool
+    record: Record,
+    settings: Settings,
+    mirror_url: str,
+    use_gate: bool,
+    dry_run: bool,
+    reprobe: bool = True,
 ) -> tuple[GateState, ProbeResult | None]:
     if not use_gate:
         return replace(record.gate, withdrawn=False, consecutive_failures=0), None
+    if not reprobe:  # `run` repairing a change: keep the gate its last probe decided
+        return record.gate, None
     probe = gate.probe_v2(mirror_url)
     after = gate.next_gate_state(record.gate, probe, settings.gate_failures)
     if not dry_run:
@@ -106,8 +113,16 @@ def _worth_saving(old: Record, new: Record) -> bool:
 
 
 def apply_mirrors(
-    node: Node, layout: Layout, settings: Settings, *, dry_run: bool = False, use_gate: bool = True
+    node: Node,
+    layout: Layout,
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    use_gate: bool = True,
+    reprobe: bool = True,
 ) -> Outcome:
+    """`reprobe=False` (the reconciler repairing a change) applies with the gate as the last
+    probe left it, so a repair never waits on a probe timeout."""
     mirrors = mirror_hosts(settings)
     urls = tuple(m.url for m in mirrors)
     if layout.distro_owned:
@@ -116,7 +131,7 @@ def apply_mirrors(
     with _locked(node, dry_run):
         record = state.load_record(node)
         _check_record_dir(record, hosts_dir)
-        gate_state, probe = _gate_step(record, settings, urls[0], use_gate, dry_run)
+        gate_state, probe = _gate_step(record, settings, urls[0], use_gate, dry_run, reprobe)
         snapshot = hostsdir.scan(node.real_path(hosts_dir), hosts_dir)
         plan = plan_apply(
             snapshot, settings.registries, mirrors, record, advertise=not gate_state.withdrawn

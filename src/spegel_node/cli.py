@@ -39,6 +39,11 @@ app = typer.Typer(
 )
 
 
+class UnitMode(StrEnum):
+    timer = "timer"
+    service = "service"
+
+
 class OutputFormat(StrEnum):
     text = "text"
     json = "json"
@@ -363,6 +368,44 @@ def helm_values_command(
     return 0
 
 
+@node_command("run")
+def run_command(
+    common: Common,
+    no_gate: Annotated[
+        bool, typer.Option("--no-gate", help="Advertise the mirror without probing /v2/.")
+    ] = False,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ready-file",
+            help="Write FILE (used as given) once the first apply is done; removed on exit.",
+        ),
+    ] = None,
+) -> int:
+    """Keep the node applied: watch the hosts dir, probe /v2/, repair at once.
+
+    Watches the hosts dir and each registry dir (inotify) and runs apply within milliseconds
+    of a change; probes the mirror's /v2/ every probe_interval and runs the gate on it. One
+    key=value line per event on stderr. SIGTERM exits 0; SIGHUP reloads the config (a bad one
+    is logged and the last good one kept). Exit 2 on a bad config at start. Under systemd
+    (Type=notify) it sends READY=1 after the first apply.
+
+    Examples:
+
+      spegel-node run
+
+      spegel-node run --root /host --ready-file /tmp/ready
+    """
+    from spegel_node.reconcile import run_reconciler
+
+    return run_reconciler(
+        common.node,
+        lambda: _settings_and_layout(common),
+        use_gate=not no_gate,
+        ready_file=ready_file,
+    )
+
+
 @node_command("install-units")
 def install_units_command(
     common: Common,
@@ -383,6 +426,14 @@ def install_units_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print a diff of the units; write nothing.")
     ] = False,
+    mode: Annotated[
+        UnitMode,
+        typer.Option(
+            "--mode",
+            help="timer: repair service + timer + path unit; service: one Type=notify "
+            "spegel-node.service running `run`.",
+        ),
+    ] = UnitMode.timer,
 ) -> int:
     """Write the systemd repair timer and path unit.
 
@@ -412,6 +463,7 @@ def install_units_command(
         config=None if common.config is None else common.node.display(common.config.absolute()),
         distro_owned=layout.flavor if layout.distro_owned else None,
         dry_run=dry_run,
+        mode=UnitMode(mode).value,
     )
     install_report(result, common.output)
     return 0

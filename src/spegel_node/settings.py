@@ -33,6 +33,7 @@ class Settings:
     resolve_tags: bool = True
     dial_timeout: str = "200ms"
     gate_failures: int = 3
+    probe_interval: str = "5s"  # `run`: how often /v2/ is probed (backs off while withdrawn)
     hosts_dir: str = ""
     containerd_socket: str = ""
     containerd_config: str = ""
@@ -64,6 +65,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "resolve_tags": bool,
     "dial_timeout": str,
     "gate_failures": int,
+    "probe_interval": str,
     "hosts_dir": str,
     "containerd_socket": str,
     "containerd_config": str,
@@ -126,6 +128,14 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     if not 1 <= gate_failures <= 1000:
         raise BadInput(f"config key 'gate_failures' must be from 1 to 1000, got {gate_failures}")
 
+    probe_interval = data.get("probe_interval", "5s")
+    seconds = go_duration_seconds(probe_interval) if GO_DURATION.match(probe_interval) else None
+    if seconds is None or not 0.1 <= seconds <= 3600:
+        raise BadInput(
+            "config key 'probe_interval' must be a Go duration from 100ms to 1h such as "
+            f'"5s", got {probe_interval!r}'
+        )
+
     paths = {k: _check_node_path(k, data.get(k, "")) for k in PATH_KEYS}
     return Settings(
         registries=registries,
@@ -135,9 +145,30 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
         resolve_tags=data.get("resolve_tags", True),
         dial_timeout=dial_timeout,
         gate_failures=gate_failures,
+        probe_interval=probe_interval,
         source=source,
         **paths,
     )
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def go_duration_seconds(value: str) -> float:
+    """A Go duration (already matched by GO_DURATION) in seconds: "1m30s" -> 90.0."""
+    sign = -1.0 if value.startswith("-") else 1.0
+    total = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+    return sign * total
 
 
 def load_settings(

@@ -33,6 +33,7 @@ SERVICE = "spegel-node-repair.service"
 TIMER = "spegel-node-repair.timer"
 PATH = "spegel-node-repair.path"
 UNIT_NAMES = (SERVICE, TIMER, PATH)
+RUN_SERVICE = "spegel-node.service"  # --mode service: one long-running `run`
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 UNIT_MODE = 0o644
 # A path systemd takes literally in ExecStart=, ReadWritePaths= and PathChanged=: no whitespace,
@@ -133,10 +134,12 @@ class UnitParams:
     hosts_dir: str
     watch: tuple[str, ...]  # PathChanged= entries, the hosts dir first
     config: str | None = None  # an explicit --config for apply (node path)
+    mode: str = "timer"  # "timer": repair service + timer + path; "service": one `run` service
 
     @property
     def exec_start(self) -> str:
-        argv = [self.exec_path, "apply", "--hosts-dir", self.hosts_dir]
+        command = "run" if self.mode == "service" else "apply"
+        argv = [self.exec_path, command, "--hosts-dir", self.hosts_dir]
         if self.config:
             argv += ["--config", self.config]
         return " ".join(argv)
@@ -211,6 +214,11 @@ def render(params: UnitParams) -> dict[str, str]:
     if params.config:
         unit_path(params.config, "--config")
     rw = [f"-{params.hosts_dir}", STATE_DIR]  # "-": a missing hosts dir is apply's to report
+    if params.mode == "service":
+        body = _run_service(
+            SERVICE_TEMPLATE.format(exec_start=params.exec_start, read_write_paths=" ".join(rw))
+        )
+        return {RUN_SERVICE: _HEADER.format(hosts_dir=params.hosts_dir, name=RUN_SERVICE) + body}
     service = SERVICE_TEMPLATE.format(exec_start=params.exec_start, read_write_paths=" ".join(rw))
     path = PATH_TEMPLATE.format(path_changed="\n".join(f"PathChanged={p}" for p in params.watch))
     bodies = {SERVICE: service, TIMER: TIMER_TEMPLATE, PATH: path}
@@ -218,6 +226,26 @@ def render(params: UnitParams) -> dict[str, str]:
         name: _HEADER.format(hosts_dir=params.hosts_dir, name=name) + body
         for name, body in bodies.items()
     }
+
+
+def _run_service(oneshot: str) -> str:
+    """The repair service's hardening, as a Type=notify service running `run` for good."""
+    text = oneshot.replace(
+        "Description=spegel-node: keep the Spegel mirror first in containerd's hosts.toml",
+        "Description=spegel-node run: keep the Spegel mirror first in containerd's hosts.toml",
+    )
+    text = text.replace(
+        "# The timer and the path unit start it; their own limits bound how often.\n"
+        "StartLimitIntervalSec=0\n",
+        "StartLimitIntervalSec=5min\nStartLimitBurst=10\n",
+    )
+    text = text.replace(
+        "Type=oneshot\n",
+        "Type=notify\nNotifyAccess=main\nRestart=on-failure\nRestartSec=5s\n"
+        "ExecReload=/bin/kill -HUP $MAINPID\n",
+    )
+    text = text.replace("TimeoutStartSec=2min\n", "TimeoutStartSec=2min\nTimeoutStopSec=15s\n")
+    return text + "\n[Install]\nWantedBy=multi-user.target\n"
 
 
 def default_exec() -> str:
@@ -329,6 +357,7 @@ def install_units(
     config: str | None = None,
     distro_owned: str | None = None,
     dry_run: bool = False,
+    mode: str = "timer",
 ) -> Installed:
     """Render the units for this node and write those that changed (nothing with `dry_run`).
 
@@ -359,7 +388,7 @@ def install_units(
         for p in skipped
     ]
     params = UnitParams(
-        exec_path=exec_path, hosts_dir=hosts_dir, watch=tuple(watched), config=config
+        exec_path=exec_path, hosts_dir=hosts_dir, watch=tuple(watched), config=config, mode=mode
     )
     target = unit_dir if unit_dir is not None else node.path(DEFAULT_UNIT_DIR)
     display = str(unit_dir) if unit_dir is not None else DEFAULT_UNIT_DIR

@@ -1,0 +1,168 @@
+"""`spegel-node run` as a real subprocess on a fake node tree: repair, reload, stop."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+HOSTS = "etc/containerd/certs.d"
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+class _V2(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/v2/" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def v2_port() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _V2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def config_text(port: int) -> str:
+    return (
+        'registries = ["https://docker.io", "https://ghcr.io"]\n'
+        f'node_ip = "127.0.0.1"\nhost_port = {port}\nprobe_interval = "200ms"\n'
+    )
+
+
+@pytest.fixture
+def node(tmp_path: Path, v2_port: int) -> Path:
+    root = tmp_path / "node"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text(
+        f'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/{HOSTS}"\n'
+    )
+    (root / "run/containerd").mkdir(parents=True)
+    (root / "run/containerd/containerd.sock").touch()
+    (root / "etc/spegel-node").mkdir(parents=True)
+    (root / "etc/spegel-node/config.toml").write_text(config_text(v2_port))
+    return root
+
+
+def start(root: Path, ready: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env.pop("JOURNAL_STREAM", None)
+    env.pop("NOTIFY_SOCKET", None)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spegel_node",
+            "run",
+            "--root",
+            str(root),
+            "--ready-file",
+            str(ready),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(proc: subprocess.Popen[str], cond: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll `cond` until it holds; fail at the deadline or when the process died."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        try:
+            code = proc.wait(timeout=0.005)
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(f"spegel-node run exited early with {code}: {proc.stderr.read()}")  # type: ignore[union-attr]
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    return proc.returncode, err
+
+
+def spegel_first(path: Path, port: int) -> bool:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return False
+    return f'[host."http://127.0.0.1:{port}"]' in text
+
+
+def test_run_repairs_a_recreated_file_and_exits_0_on_sigterm(
+    node: Path, tmp_path: Path, v2_port: int
+) -> None:
+    ready = tmp_path / "ready"
+    proc = start(node, ready)
+    try:
+        wait_for(proc, ready.exists)
+        ghcr = node / HOSTS / "ghcr.io/hosts.toml"
+        assert spegel_first(ghcr, v2_port)
+        # k3s-style: delete, then recreate without the Spegel host
+        ghcr.unlink()
+        ghcr.write_text('server = "https://ghcr.io"\n\n[host."https://cache.example.com"]\n')
+        wait_for(proc, lambda: spegel_first(ghcr, v2_port))
+        text = ghcr.read_text()
+        assert "https://cache.example.com" in text
+        assert text.index(f"127.0.0.1:{v2_port}") < text.index("cache.example.com")
+        # a whole registry dir removed comes back too
+        (node / HOSTS / "docker.io/hosts.toml").unlink()
+        (node / HOSTS / "docker.io").rmdir()
+        wait_for(proc, lambda: spegel_first(node / HOSTS / "docker.io/hosts.toml", v2_port))
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert "event=start" in err and "event=ready" in err
+    assert "reason=change" in err
+    assert "event=stop" in err
+    assert not ready.exists()
+
+
+def test_sighup_with_a_bad_config_keeps_the_last_good_one(
+    node: Path, tmp_path: Path, v2_port: int
+) -> None:
+    ready = tmp_path / "ready"
+    proc = start(node, ready)
+    try:
+        wait_for(proc, ready.exists)
+        (node / "etc/spegel-node/config.toml").write_text('bogus_key = "x"\n')
+        proc.send_signal(signal.SIGHUP)
+        # the reload failed; it must still repair with the old config
+        ghcr = node / HOSTS / "ghcr.io/hosts.toml"
+        ghcr.unlink()
+        wait_for(proc, lambda: spegel_first(ghcr, v2_port))
+        assert proc.poll() is None
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    reload_lines = [line for line in err.splitlines() if "event=reload" in line]
+    assert reload_lines and "level=error" in reload_lines[0]
+    assert "bogus_key" in reload_lines[0]
+
+
+def test_bad_config_at_start_exits_2(node: Path, tmp_path: Path) -> None:
+    (node / "etc/spegel-node/config.toml").write_text('probe_interval = "soon"\n')
+    proc = start(node, tmp_path / "ready")
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "probe_interval" in err
+    assert not (node / HOSTS).exists()
