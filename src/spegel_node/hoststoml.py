@@ -24,7 +24,7 @@ MANAGED_HEADER = "# managed by spegel-node"
 
 _CANDIDATE = re.compile(r"^[ \t]*\[", re.MULTILINE)
 _COMMENT_LINE = re.compile(r"[ \t]*#[^\n]*\n")
-_USERINFO = re.compile(r"(?<=//)[^/@?#\s'\"]*@")
+_USERINFO = re.compile(r"(?<=//)[^/?#\s'\"]*@")  # up to the last "@": passwords hold "@" too
 _WORK_FACTOR = 20  # bytes parsed per input byte while finding headers, before giving up
 _MAX_DOT_WORK = 20_000_000  # sum over lines of (dots on the line) ** 2; about half a second
 
@@ -339,7 +339,10 @@ def _canonical(value: Any) -> Any:
 
 
 def _norm(url: str) -> str:
-    return url[:-1] if url.endswith("/") else url
+    """A host URL compared as containerd dials it: without a trailing "/" or "/v2" (k3s writes
+    mirror endpoints as `http://IP:PORT/v2`)."""
+    url = url[:-1] if url.endswith("/") else url
+    return url[:-3] if url.endswith("/v2") else url
 
 
 def _dedupe(mirrors: Sequence[MirrorHost]) -> list[MirrorHost]:
