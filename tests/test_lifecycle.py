@@ -266,6 +266,17 @@ def test_a_v2_endpoint_of_the_mirror_is_the_mirror(
     assert file_of(node, "docker.io").read_text() == k3s_file(29999, 0)  # untouched: original
 
 
+def test_doctor_counts_a_v2_endpoint_as_the_mirror(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
+    file_of(node, "docker.io").parent.mkdir()
+    file_of(node, "docker.io").write_text(k3s_file(29999, 0))
+    result = run_cli(capsys, "doctor", "--root", str(node), "--output", "json")
+    checks = {c["id"]: c for c in json.loads(result.out)["checks"]}
+    docker = next(c for i, c in checks.items() if i.startswith("hosts.") and "docker.io" in i)
+    assert docker["status"] != "fail" and "lists Spegel first" in docker["summary"], docker
+
+
 # ---------------------------------------------------------------- failure isolation
 
 

@@ -120,6 +120,11 @@ def strip(existing: str, mirror_urls: Iterable[str]) -> str:
     return result
 
 
+def mirror_key(url: str) -> str:
+    """What two host URLs that are the same mirror have in common (trailing "/" or "/v2" off)."""
+    return _norm(url)
+
+
 def redact_url(url: str) -> str:
     """The URL with any user info (`user:password@`) replaced, for messages; also without scheme."""
     scheme, sep, rest = url.partition("://")
