@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 from support.cli import Result, run_cli
 from support.faults import temp_files
 
-from spegel_node import fsutil, hoststoml
+from spegel_node import fsutil, gate, hoststoml
+from spegel_node.gate import ProbeResult
 from spegel_node.hoststoml import redact_text, redact_url
 from spegel_node.redact import redact_hosts_toml
 
@@ -67,11 +69,14 @@ def make_node(root: Path, registries: list[str], port: int = 29999) -> Path:
     return root
 
 
-def configure(root: Path, registries: list[str], port: int) -> None:
+def configure(root: Path, registries: list[str], port: int, gate_failures: int = 3) -> None:
     config = root / "etc/spegel-node/config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     regs = ", ".join(f'"https://{r}"' for r in registries)
-    config.write_text(f'registries = [{regs}]\nnode_ip = "{IP}"\nhost_port = {port}\n')
+    config.write_text(
+        f'registries = [{regs}]\nnode_ip = "{IP}"\nhost_port = {port}\n'
+        f"gate_failures = {gate_failures}\n"
+    )
 
 
 def hosts(root: Path) -> Path:
@@ -277,6 +282,24 @@ def test_doctor_counts_a_v2_endpoint_as_the_mirror(
     assert docker["status"] != "fail" and "lists Spegel first" in docker["summary"], docker
 
 
+def test_withdrawn_by_the_gate_then_removed_gives_everything_back(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
+    configure(node, ["docker.io", "ghcr.io"], 29999, gate_failures=1)
+    file_of(node, "ghcr.io").parent.mkdir()
+    file_of(node, "ghcr.io").write_text(PERSON)
+    down = ProbeResult(False, "down")
+    with mock.patch.object(gate, "probe_v2", return_value=ProbeResult(True, "HTTP 200")):
+        assert run_cli(capsys, "apply", "--root", str(node)).code == 0
+    with mock.patch.object(gate, "probe_v2", return_value=down):
+        run_cli(capsys, "apply", "--root", str(node))
+    assert json.loads(state_file(node).read_text())["gate"]["withdrawn"] is True
+    assert f"{IP}:29999" not in file_of(node, "ghcr.io").read_text()
+    assert cli(capsys, node, "remove").code == 0
+    assert file_of(node, "ghcr.io").read_text() == PERSON
+    assert not (hosts(node) / "docker.io").exists()
+
+
 # ---------------------------------------------------------------- failure isolation
 
 
@@ -375,6 +398,7 @@ OPS = st.one_of(
     ),
     st.tuples(st.just("k3s"), st.sampled_from(REGS)),
     st.tuples(st.just("config"), st.sampled_from(PORTS), st.sets(st.sampled_from(REGS))),
+    st.tuples(st.just("spegel"), st.booleans()),  # Spegel's /v2/ answers or not (the gate)
 )
 
 
@@ -386,6 +410,8 @@ class World:
         self.regs = ["docker.io", "ghcr.io"]
         self.port = 29999
         make_node(root, self.regs, self.port)
+        configure(root, self.regs, self.port, gate_failures=2)
+        self.spegel_up = True
         self.third: dict[str, bytes | None] = {}
         self.third_dirs: set[str] = set()
         self.touched: set[str] = set()  # written by a third party since the last remove
@@ -412,7 +438,9 @@ class World:
     def step(self, capsys: pytest.CaptureFixture[str], op: tuple[Any, ...]) -> None:
         self.n += 1
         if op[0] == "apply":
-            result = cli(capsys, self.root, "apply")
+            probe = ProbeResult(True, "HTTP 200") if self.spegel_up else ProbeResult(False, "down")
+            with mock.patch.object(gate, "probe_v2", return_value=probe):
+                result = run_cli(capsys, "apply", "--root", str(self.root))
             assert result.code == 0, result.err
             self.applied.add(f"http://{IP}:{self.port}")
             self.last_port = self.port
@@ -442,7 +470,9 @@ class World:
             self.third[op[1]] = data
         elif op[0] == "config":
             self.port, self.regs = op[1], sorted(op[2])
-            configure(self.root, self.regs, self.port)
+            configure(self.root, self.regs, self.port, gate_failures=2)
+        elif op[0] == "spegel":
+            self.spegel_up = op[1]
         else:
             result = cli(capsys, self.root, "remove")
             assert result.code == 0, result.err
