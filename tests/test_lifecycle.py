@@ -300,6 +300,21 @@ def test_withdrawn_by_the_gate_then_removed_gives_everything_back(
     assert not (hosts(node) / "docker.io").exists()
 
 
+def test_default_mode_ignores_a_readme_and_lost_found(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = make_node(tmp_path / "node", [])
+    (hosts(root) / "README").write_text("what these dirs are\n")
+    (hosts(root) / "lost+found").mkdir()
+    (hosts(root) / "ghcr.io").mkdir()
+    result = cli(capsys, root, "apply")
+    assert result.code == 0, result.err
+    assert not (hosts(root) / "lost+found/hosts.toml").exists()
+    assert file_of(root, "_default").exists() and file_of(root, "ghcr.io").exists()
+    assert cli(capsys, root, "remove").code == 0
+    assert sorted(p.name for p in hosts(root).iterdir()) == ["README", "ghcr.io", "lost+found"]
+
+
 # ---------------------------------------------------------------- failure isolation
 
 

@@ -6,6 +6,7 @@ Nothing here reads or writes the node; `hostsdir.scan` takes the snapshot, `appl
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
 from spegel_node.state import FileRecord, Record
 
 HOSTS_TOML = "hosts.toml"
+# a registry dir's name: host[:port], [IPv6][:port] or host_port_ (what containerd looks up)
+_REGISTRY_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*(:\d+|_\d+_)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 MAX_HOSTS_TOML = 4 << 20  # larger files are left alone, never read in part and written back
 
 
@@ -91,7 +94,13 @@ def targets(registries: Sequence[Registry], snapshot: HostsSnapshot) -> list[Tar
                 Target(existing[0] if existing else registry.dir_names[-1], registry.upstream)
             )
         return found
-    others = sorted(n for n in snapshot.entries if not n.startswith(("_", ".")))
+    others = sorted(
+        n
+        for n, e in snapshot.entries.items()
+        if not n.startswith(("_", "."))
+        and e.kind in ("dir", "symlink")
+        and _REGISTRY_DIR.fullmatch(n)
+    )  # a README or lost+found is no registry
     return [Target(DEFAULT_DIR, None)] + [Target(n, registry_for_host(n).upstream) for n in others]
 
 
