@@ -315,6 +315,38 @@ def test_default_mode_ignores_a_readme_and_lost_found(
     assert sorted(p.name for p in hosts(root).iterdir()) == ["README", "ghcr.io", "lost+found"]
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        'dial_timeout = "3000000h"',
+        'dial_timeout = "-1s"',
+        'dial_timeout = "0s"',
+        'dial_timeout = "0"',
+        'node_ip = "fe80::1%eth0"',
+    ],
+)
+def test_config_values_containerd_rejects_are_bad_input(
+    capsys: pytest.CaptureFixture[str], node: Path, line: str
+) -> None:
+    config = node / "etc/spegel-node/config.toml"
+    key = line.split(" ", 1)[0]
+    kept = [x for x in config.read_text().splitlines() if not x.startswith(key)]
+    config.write_text("\n".join([*kept, line]) + "\n")
+    result = cli(capsys, node, "apply")
+    assert result.code == 2 and f"'{key}'" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert list(hosts(node).iterdir()) == []
+
+
+def test_a_long_valid_dial_timeout_is_accepted(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
+    config = node / "etc/spegel-node/config.toml"
+    config.write_text(config.read_text() + 'dial_timeout = "1h30m0.5s"\n')
+    assert cli(capsys, node, "apply").code == 0
+    assert 'dial_timeout = "1h30m0.5s"' in file_of(node, "docker.io").read_text()
+
+
 # ---------------------------------------------------------------- failure isolation
 
 
