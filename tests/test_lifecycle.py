@@ -347,6 +347,37 @@ def test_a_long_valid_dial_timeout_is_accepted(
     assert 'dial_timeout = "1h30m0.5s"' in file_of(node, "docker.io").read_text()
 
 
+def test_a_spegel_answering_one_byte_at_a_time_cannot_hang_the_probe() -> None:
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def dribble() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            for byte in b"HTTP/1.1 200 OK\r\n" * 100:
+                if stop.wait(0.05):  # one byte every 50 ms: each read is quick, the whole is not
+                    return
+                conn.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        result = gate.probe_v2(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=0.3)
+        took = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert result == ProbeResult(False, "timed out after 0.3s")
+    assert took < 1.0
+
+
 # ---------------------------------------------------------------- failure isolation
 
 

@@ -24,25 +24,49 @@ class ProbeResult:
 
 
 def probe_v2(mirror_url: str, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
-    """GET <mirror>/v2/ with a short timeout (to connect, then for each read); only a 200 counts
-    as healthy. `mirror_url` is the node's Spegel, `http://host:port`. One plain request with
-    the standard library: no redirects followed, no proxies, no retries."""
-    import http.client  # imported here: most commands never probe
+    """GET <mirror>/v2/ within `timeout` in total, from connect to the status line (a Spegel that
+    answers one byte at a time cannot hold apply and its lock); only a 200 counts as healthy.
+    `mirror_url` is the node's Spegel, `http://host:port`. One plain request on a socket: no
+    redirects followed, no proxies, no retries."""
+    import socket  # imported here: most commands never probe
     from urllib.parse import urlsplit
 
     parts = urlsplit(mirror_url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    host, port = parts.hostname or "", parts.port or 80
+    deadline = time.monotonic() + timeout
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = (
+        f"GET /v2/ HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return remaining
+
     try:
-        conn.request("GET", "/v2/", headers={"User-Agent": USER_AGENT})
-        status = conn.getresponse().status
+        with socket.create_connection((host, port), timeout=left()) as sock:
+            sock.settimeout(left())
+            sock.sendall(request)
+            head = b""
+            while b"\r\n" not in head and len(head) < 4096:
+                sock.settimeout(left())
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
     except TimeoutError:
         return ProbeResult(False, f"timed out after {timeout:g}s")
     except ConnectionRefusedError:
         return ProbeResult(False, "connection refused")
-    except (OSError, http.client.HTTPException):
+    except OSError:
         return ProbeResult(False, "connection failed")
-    finally:
-        conn.close()
+    fields = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
+        return ProbeResult(False, "connection failed")
+    status = int(fields[1])
     return ProbeResult(status == 200, f"HTTP {status}")
 
 
