@@ -215,6 +215,22 @@ def test_record_holds_baseline_and_exact_written_bytes(
     assert base64.b64decode(rec["written_b64"]) == file_of(node, "ghcr.io").read_bytes()
 
 
+def test_a_run_killed_after_saving_the_record_keeps_created_files_apply_s(
+    capsys: pytest.CaptureFixture[str], node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli(capsys, node, "apply").code == 0
+    configure(node, ["docker.io", "ghcr.io"], 30020)
+    from spegel_node import apply
+
+    with monkeypatch.context() as m:  # killed between saving the record and writing the files
+        m.setattr(apply, "execute", lambda node, plan: apply.ExecResult())
+        cli(capsys, node, "apply")
+    assert ":29999" in file_of(node, "docker.io").read_text()
+    assert cli(capsys, node, "apply").code == 0
+    assert cli(capsys, node, "remove").code == 0
+    assert list(hosts(node).iterdir()) == []
+
+
 # ---------------------------------------------------------------- convergence
 
 

@@ -14,7 +14,7 @@ from spegel_node import hoststoml
 from spegel_node.hoststoml import HostsTomlError, MirrorHost
 from spegel_node.redact import redact_hosts_toml
 from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
-from spegel_node.state import FileRecord, Record
+from spegel_node.state import FileRecord, Record, digest
 
 HOSTS_TOML = "hosts.toml"
 # a registry dir's name: host[:port], [IPv6][:port] or host_port_ (what containerd looks up)
@@ -219,7 +219,13 @@ def plan_apply(
             problems.append(f"{path}: {e} (containerd ignores this file; fix or remove it)")
             continue
         created_dir = previous is not None and previous.created_dir
-        files[key] = FileRecord.make(created, created_dir, baseline, new.encode())
+        if new != text:  # ours too, until the write lands
+            prior = digest(current)
+        else:  # nothing to write: the record stays as it was (no rewrite each minute)
+            prior = (
+                previous.prior_sha256 if previous and previous.holds_last_write(current) else None
+            )
+        files[key] = FileRecord.make(created, created_dir, baseline, new.encode(), prior)
         if new != text:
             changes.append(FileChange(target.dir_name, "update", current, new.encode()))
     for key, rec in sorted(record.files.items()):

@@ -44,6 +44,9 @@ class FileRecord:
     written_sha256: str | None  # what apply last wrote
     original_b64: str | None = None  # the baseline (named so since format 1)
     written_b64: str | None = None  # the exact bytes apply last wrote (format 2)
+    # what apply wrote before that: a run killed after saving the record but before writing
+    # leaves the file holding it, which is still apply's own content, not a third party's
+    prior_sha256: str | None = None
 
     @property
     def original(self) -> bytes | None:
@@ -58,13 +61,24 @@ class FileRecord:
         return None if self.written_b64 is None else base64.b64decode(self.written_b64)
 
     def holds_last_write(self, data: bytes | None) -> bool:
-        return data is not None and digest(data) == self.written_sha256
+        if data is None:
+            return False
+        found = digest(data)
+        return found == self.written_sha256 or (
+            self.prior_sha256 is not None and found == self.prior_sha256
+        )
 
     @staticmethod
     def make(
-        created: bool, created_dir: bool, baseline: bytes | None, written: bytes
+        created: bool,
+        created_dir: bool,
+        baseline: bytes | None,
+        written: bytes,
+        prior_sha256: str | None = None,
     ) -> FileRecord:
-        return FileRecord(created, created_dir, digest(written), _b64(baseline), _b64(written))
+        return FileRecord(
+            created, created_dir, digest(written), _b64(baseline), _b64(written), prior_sha256
+        )
 
     @staticmethod
     def for_existing(original: bytes, written: bytes) -> FileRecord:
@@ -91,6 +105,7 @@ _FILE_FIELDS: dict[str, tuple[type, ...]] = {
     "written_sha256": (str, type(None)),
     "original_b64": (str, type(None)),
     "written_b64": (str, type(None)),
+    "prior_sha256": (str, type(None)),
 }
 _GATE_FIELDS: dict[str, tuple[type, ...]] = {
     "consecutive_failures": (int,),
