@@ -146,14 +146,16 @@ def test_apply_and_remove_never_show_a_secret(
     _run(capsys, root, "apply", "--no-gate", "--output", output)
     _run(capsys, root, "apply", "--dry-run", "--no-gate", "--output", output)
     # a file apply created, since edited by hand into broken TOML holding a header: remove
-    # deletes it (it is still marked managed) and shows the whole file in its diff
+    # keeps it (a person wrote it), names it, and never shows its header
     docker = hosts(root) / "docker.io/hosts.toml"
-    docker.write_text(docker.read_text() + QUAY_BROKEN.split("\n", 2)[2])
+    edited = docker.read_text() + QUAY_BROKEN.split("\n", 2)[2]
+    docker.write_text(edited)
     code, out = _run(capsys, root, "remove", "--dry-run", "--output", output)
     assert "docker.io/hosts.toml" in out
-    assert "<redacted>" in out
     code, out = _run(capsys, root, "remove", "--output", output)
-    assert code == 0  # quay.io was never taken over: nothing to undo there
+    assert code == 1  # docker.io cannot be stripped; quay.io was never taken over
+    assert "docker.io/hosts.toml" in out
+    assert docker.read_text() == edited
     assert (hosts(root) / "ghcr.io/hosts.toml").read_text() == SECRET_FILE
 
 

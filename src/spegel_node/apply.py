@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from spegel_node import fsutil, gate, hostsdir, state
-from spegel_node.errors import Refused
+from spegel_node.errors import Refused, SpegelNodeError
 from spegel_node.flavors import FALLBACK_HOSTS_DIR
 from spegel_node.gate import ProbeResult
 from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
 from spegel_node.node import STATE_DIR, Node
-from spegel_node.plan import HOSTS_TOML, MAX_HOSTS_TOML, Plan, plan_apply, plan_remove
+from spegel_node.plan import HOSTS_TOML, MAX_HOSTS_TOML, FileChange, Plan, plan_apply, plan_remove
 from spegel_node.settings import Settings, resolve_node_ip
 from spegel_node.state import GateState, Record
 
@@ -142,9 +143,26 @@ def apply_mirrors(
         if not dry_run:
             if _worth_saving(record, new_record):
                 _save(node, new_record)
-            skipped = execute(node, plan)
+            result = execute(node, plan)
+            skipped = [line for _, line in result.skipped]
+            if result.not_done:  # those files are as they were: so is their record entry
+                files = dict(new_record.files)
+                for key in result.not_done:
+                    if key in record.files:
+                        files[key] = record.files[key]
+                    else:
+                        files.pop(key, None)
+                _save(node, new_record.with_files(files))
+            plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
     warnings = (*_layout_warnings(layout, hosts_dir), *skipped)
     return Outcome("apply", plan, dry_run, urls, gate_state, probe, warnings)
+
+
+def _config_urls(settings: Settings) -> tuple[str, ...]:
+    try:
+        return tuple(m.url for m in mirror_hosts(settings))
+    except SpegelNodeError:  # node_ip "auto" without an address: the record's URLs suffice
+        return ()
 
 
 def remove_mirrors(
@@ -154,17 +172,20 @@ def remove_mirrors(
         record = state.load_record(node)
         hosts_dir = record.hosts_dir or hosts_dir_of(layout)
         snapshot = hostsdir.scan(node.real_path(hosts_dir), hosts_dir)
-        plan = plan_remove(snapshot, record)
+        plan = plan_remove(snapshot, record, _config_urls(settings))
         skipped: list[str] = []
         if not dry_run:
-            skipped = execute(node, plan)
-            if skipped:  # keep every original: the next remove judges those files again
-                _save(node, record)
-            elif plan.record is None:
+            result = execute(node, plan)
+            skipped = [line for _, line in result.skipped]
+            kept = dict(plan.record.files) if plan.record else {}
+            for key in result.not_done:  # judged again by the next remove
+                kept[key] = record.files[key]
+            if kept:
+                _save(node, record.with_files(kept))
+            else:
                 with contextlib.suppress(FileNotFoundError):
                     state.delete_record(node)
-            else:
-                _save(node, plan.record)
+            plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
     return Outcome("remove", plan, dry_run, record.mirror_urls, warnings=tuple(skipped))
 
 
@@ -182,56 +203,92 @@ def _ensure_hosts_dir(path: Path, display: str) -> None:
         raise fsutil.refuse_os_error(e, f"create hosts dir {display}") from e
 
 
-def execute(node: Node, plan: Plan) -> list[str]:
+_NODE_WIDE = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+class _NodeWide(Refused):
+    """A failure of the file system, not of one file: the run stops with one line."""
+
+
+@dataclass
+class ExecResult:
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, line): changed meanwhile
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key, line): could not write
+
+    @property
+    def not_done(self) -> list[str]:
+        return [key for key, _ in (*self.skipped, *self.failed)]
+
+
+def execute(node: Node, plan: Plan) -> ExecResult:
     """Carry out the plan's file changes: atomic writes, no symlinks followed below the hosts dir.
 
     A file that changed since the snapshot (k3s restarting, a person saving) is left as it now
     is rather than overwritten with a merge of what it was; the next run merges the new content.
-    Returns one line per file left so.
+    A file that cannot be written never stops the others: each is listed in `failed`.
     """
-    skipped: list[str] = []
+    result = ExecResult()
     if not plan.changes:
-        return skipped
+        return result
     hosts_path = node.real_path(plan.hosts_dir)
     _ensure_hosts_dir(hosts_path, plan.hosts_dir)
     with fsutil.open_dir(hosts_path) as hosts_fd:
         for change in plan.changes:
             where = f"{plan.hosts_dir}/{change.key}"
-            made_dir = False
             try:
-                if change.create_dir:
-                    with contextlib.suppress(FileExistsError):
-                        fsutil.mkdir_at(hosts_fd, change.dir_name)
-                        made_dir = True
-                with fsutil.open_subdir(hosts_fd, change.dir_name) as dir_fd:
-                    fsutil.remove_stale_temp_files(dir_fd)
-                    if fsutil.read_at(dir_fd, HOSTS_TOML, MAX_HOSTS_TOML) != change.before:
-                        skipped.append(
-                            f"{where} changed while apply ran; left as is for the next run"
+                if not _execute_one(hosts_fd, change, where, plan.hosts_dir):
+                    result.skipped.append(
+                        (
+                            change.key,
+                            f"{where} changed while apply ran; left as is for the next run",
                         )
-                        continue
-                    if change.after is None:
-                        fsutil.unlink_at(dir_fd, HOSTS_TOML)
-                    else:
-                        mode, owner = fsutil.mode_and_owner_at(dir_fd, HOSTS_TOML)
-                        fsutil.write_atomic_at(dir_fd, HOSTS_TOML, change.after, mode, owner=owner)
-                if change.remove_dir:
-                    fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
-            except OSError as e:
-                if made_dir:  # an empty registry dir would hide _default from containerd
-                    with contextlib.suppress(OSError):
-                        fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
-                st = None
-                with contextlib.suppress(OSError):
-                    st = fsutil.lstat_at(hosts_fd, change.dir_name)
-                if st is not None and stat.S_ISLNK(st.st_mode):  # swapped in since the scan
-                    raise Refused(
-                        f"cannot write {where}: {plan.hosts_dir}/{change.dir_name} is a symlink "
-                        "(refusing to follow it)"
-                    ) from e
-                if e.errno == errno.ENOENT:
-                    raise Refused(
-                        f"cannot write {where}: the directory vanished; run apply again"
-                    ) from e
-                raise fsutil.refuse_os_error(e, f"write {where}") from e
-    return skipped
+                    )
+            except _NodeWide:
+                raise
+            except Refused as e:
+                result.failed.append((change.key, str(e)))
+    return result
+
+
+def _execute_one(hosts_fd: int, change: FileChange, where: str, hosts_dir: str) -> bool:
+    """One change; False when the file changed since the snapshot. Refused when it failed."""
+    made_dir = False
+    try:
+        if change.create_dir:
+            with contextlib.suppress(FileExistsError):
+                fsutil.mkdir_at(hosts_fd, change.dir_name)
+                made_dir = True
+        with fsutil.open_subdir(hosts_fd, change.dir_name) as dir_fd:
+            fsutil.remove_stale_temp_files(dir_fd)
+            if fsutil.read_at(dir_fd, HOSTS_TOML, MAX_HOSTS_TOML) != change.before:
+                return False
+            if change.after is None:
+                fsutil.unlink_at(dir_fd, HOSTS_TOML)
+            else:
+                mode, owner = fsutil.mode_and_owner_at(dir_fd, HOSTS_TOML)
+                fsutil.write_atomic_at(dir_fd, HOSTS_TOML, change.after, mode, owner=owner)
+        if change.remove_dir:
+            fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
+        return True
+    except OSError as e:
+        if made_dir:  # an empty registry dir would hide _default from containerd
+            with contextlib.suppress(OSError):
+                fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
+        st = None
+        with contextlib.suppress(OSError):
+            st = fsutil.lstat_at(hosts_fd, change.dir_name)
+        if st is not None and stat.S_ISLNK(st.st_mode):  # swapped in since the scan
+            raise Refused(
+                f"cannot write {where}: {hosts_dir}/{change.dir_name} is a symlink "
+                "(refusing to follow it)"
+            ) from e
+        if e.errno == errno.ENOENT:
+            gone = Refused(f"cannot write {where}: the directory vanished; run apply again")
+            with contextlib.suppress(OSError):
+                if os.fstat(hosts_fd).st_nlink == 0:  # the whole hosts dir went away
+                    gone = _NodeWide(str(gone))
+            raise gone from e
+        refused = fsutil.refuse_os_error(e, f"write {where}")
+        if e.errno in _NODE_WIDE:  # every other file would fail the same way: one line, stop
+            raise _NodeWide(str(refused)) from e
+        raise refused from e

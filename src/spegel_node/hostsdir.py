@@ -45,7 +45,10 @@ def scan(hosts_dir: Path, display: str, names: Iterable[str] | None = None) -> H
             for name in wanted:
                 st = fsutil.lstat_at(fd, name)
                 if st is not None:
-                    entries[name] = _read_entry(fd, name, st)
+                    try:
+                        entries[name] = _read_entry(fd, name, st)
+                    except OSError:  # a problem only when apply or remove needs this dir
+                        entries[name] = DirEntry(name, "dir", "unreadable")
             return HostsSnapshot(display, True, entries)
     except FileNotFoundError:
         return HostsSnapshot(display, False)

@@ -25,7 +25,7 @@ MANAGED_HEADER = "# managed by spegel-node"
 
 _CANDIDATE = re.compile(r"^[ \t]*\[", re.MULTILINE)
 _COMMENT_LINE = re.compile(r"[ \t]*#[^\n]*\n")
-_USERINFO = re.compile(r"(?<=//)[^/@?#\s'\"]*@")
+_USERINFO = re.compile(r"(?<=//)[^/?#\s'\"]*@")  # up to the last "@": passwords hold "@" too
 _WORK_FACTOR = 20  # bytes parsed per input byte while finding headers, before giving up
 
 
@@ -118,6 +118,11 @@ def strip(existing: str, mirror_urls: Iterable[str]) -> str:
     result = "".join(p.text for p in _drop(_split(existing), urls, _newline(existing)))
     _verify(result, doc, _without(hosts, urls), "remove the Spegel mirrors from")
     return result
+
+
+def mirror_key(url: str) -> str:
+    """What two host URLs that are the same mirror have in common (trailing "/" or "/v2" off)."""
+    return _norm(url)
 
 
 def redact_url(url: str) -> str:
@@ -328,7 +333,10 @@ def _canonical(value: Any) -> Any:
 
 
 def _norm(url: str) -> str:
-    return url[:-1] if url.endswith("/") else url
+    """A host URL compared as containerd dials it: without a trailing "/" or "/v2" (k3s writes
+    mirror endpoints as `http://IP:PORT/v2`)."""
+    url = url[:-1] if url.endswith("/") else url
+    return url[:-3] if url.endswith("/v2") else url
 
 
 def _dedupe(mirrors: Sequence[MirrorHost]) -> list[MirrorHost]:

@@ -6,6 +6,7 @@ Nothing here reads or writes the node; `hostsdir.scan` takes the snapshot, `appl
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
 from spegel_node.state import FileRecord, Record, digest
 
 HOSTS_TOML = "hosts.toml"
+# a registry dir's name: host[:port], [IPv6][:port] or host_port_ (what containerd looks up)
+_REGISTRY_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*(:\d+|_\d+_)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 MAX_HOSTS_TOML = 4 << 20  # larger files are left alone, never read in part and written back
 
 
@@ -25,7 +28,8 @@ class DirEntry:
 
     name: str
     kind: str  # "dir", "symlink", "file", "other"
-    hosts_toml_kind: str = "missing"  # "file", "symlink", "dir", "other", "too_large", "missing"
+    hosts_toml_kind: str = "missing"  # "file", "symlink", "dir", "other", "too_large",
+    # "unreadable", "missing"
     hosts_toml: bytes | None = None
 
 
@@ -90,7 +94,13 @@ def targets(registries: Sequence[Registry], snapshot: HostsSnapshot) -> list[Tar
                 Target(existing[0] if existing else registry.dir_names[-1], registry.upstream)
             )
         return found
-    others = sorted(n for n in snapshot.entries if not n.startswith(("_", ".")))
+    others = sorted(
+        n
+        for n, e in snapshot.entries.items()
+        if not n.startswith(("_", "."))
+        and e.kind in ("dir", "symlink")
+        and _REGISTRY_DIR.fullmatch(n)
+    )  # a README or lost+found is no registry
     return [Target(DEFAULT_DIR, None)] + [Target(n, registry_for_host(n).upstream) for n in others]
 
 
@@ -109,6 +119,8 @@ def _unsafe(entry: DirEntry | None, hosts_dir: str) -> str | None:
             f"{path}/{HOSTS_TOML} is larger than {MAX_HOSTS_TOML >> 20} MiB; left alone "
             "(run `spegel-node validate`)"
         )
+    if entry.hosts_toml_kind == "unreadable":
+        return f"cannot read {path} or its {HOSTS_TOML} (check its permissions)"
     if entry.hosts_toml_kind not in ("file", "missing"):
         return f"{path}/{HOSTS_TOML} is not a regular file; move it aside"
     return None
@@ -121,6 +133,40 @@ def _decode(data: bytes) -> str:
         raise HostsTomlError("not UTF-8 text") from e  # callers prefix the path
 
 
+def _undo(
+    snapshot: HostsSnapshot, key: str, rec: FileRecord, urls: Sequence[str]
+) -> tuple[FileChange | None, str | None]:
+    """Give one file back: its baseline when it still holds what apply last wrote (deleted when
+    apply created it), else the file as it now is without the Spegel host tables.
+    Returns the change (None: nothing to do) and a problem (the record entry is then kept)."""
+    dir_name = key.split("/", 1)[0]
+    entry = snapshot.entries.get(dir_name)
+    if why := _unsafe(entry, snapshot.hosts_dir):
+        return None, why
+    current = entry.hosts_toml if entry else None
+    if current is None:
+        if entry is not None and rec.created and rec.created_dir:
+            # the file is gone (a remove killed before its rmdir): still remove the empty
+            # dir apply made, as it would hide _default from containerd
+            return FileChange(dir_name, "delete", None, None, remove_dir=True), None
+        return None, None
+    if rec.holds_last_write(current):
+        if rec.created:
+            return FileChange(dir_name, "delete", current, None, remove_dir=rec.created_dir), None
+        baseline = rec.baseline
+        if baseline is not None and baseline != current:
+            return FileChange(dir_name, "restore", current, baseline), None
+        return None, None
+    try:
+        text = _decode(current)
+        stripped = hoststoml.strip(text, urls)
+    except HostsTomlError as e:
+        return None, f"{snapshot.hosts_dir}/{key}: {e}"
+    if stripped != text:
+        return FileChange(dir_name, "strip", current, stripped.encode()), None
+    return None, None
+
+
 def plan_apply(
     snapshot: HostsSnapshot,
     registries: Sequence[Registry],
@@ -128,15 +174,20 @@ def plan_apply(
     record: Record,
     advertise: bool = True,
 ) -> Plan:
-    """Make every target's hosts.toml list `mirrors` first (or, with advertise False, list none)."""
+    """Make every target's hosts.toml list `mirrors` first (or, with advertise False, list none),
+    re-base files a third party changed since the last write, and give back the files of
+    registries no longer mirrored."""
     urls = tuple(m.url for m in mirrors)
-    retired = [u for u in record.mirror_urls if u not in urls]
+    spegel = tuple(dict.fromkeys((*record.mirror_urls, *urls)))  # every URL that is Spegel's
+    retired = [u for u in spegel if u not in urls]
     files = dict(record.files)
     changes: list[FileChange] = []
     problems: list[str] = []
+    wanted_keys: set[str] = set()
     for target in targets(registries, snapshot):
         entry = snapshot.entries.get(target.dir_name)
         key = f"{target.dir_name}/{HOSTS_TOML}"
+        wanted_keys.add(key)
         path = f"{snapshot.hosts_dir}/{key}"
         if why := _unsafe(entry, snapshot.hosts_dir):
             problems.append(why)
@@ -150,74 +201,63 @@ def plan_apply(
             changes.append(
                 FileChange(target.dir_name, "create", None, after, create_dir=entry is None)
             )
-            files[key] = FileRecord(
-                created=True,
-                created_dir=entry is None or (previous is not None and previous.created_dir),
-                written_sha256=digest(after),
-            )
+            created_dir = entry is None or (previous is not None and previous.created_dir)
+            files[key] = FileRecord.make(True, created_dir, None, after)
             continue
         try:
             text = _decode(current)
+            baseline: bytes | None
+            if previous is None:  # first apply: the file as it is, byte for byte
+                baseline, created = current, False
+            elif previous.holds_last_write(current):
+                baseline, created = previous.baseline, previous.created
+            else:  # a third party wrote it since: theirs, without the Spegel tables
+                baseline, created = hoststoml.strip(text, spegel).encode(), False
             base = hoststoml.strip(text, retired) if retired else text
             new = hoststoml.merge(base, mirrors) if advertise else hoststoml.strip(base, urls)
         except HostsTomlError as e:
             problems.append(f"{path}: {e} (containerd ignores this file; fix or remove it)")
             continue
-        if previous is None:
-            files[key] = FileRecord.for_existing(original=current, written=new.encode())
-        else:
-            files[key] = FileRecord(
-                previous.created, previous.created_dir, digest(new.encode()), previous.original_b64
+        created_dir = previous is not None and previous.created_dir
+        if new != text:  # ours too, until the write lands
+            prior = digest(current)
+        else:  # nothing to write: the record stays as it was (no rewrite each minute)
+            prior = (
+                previous.prior_sha256 if previous and previous.holds_last_write(current) else None
             )
+        files[key] = FileRecord.make(created, created_dir, baseline, new.encode(), prior)
         if new != text:
             changes.append(FileChange(target.dir_name, "update", current, new.encode()))
+    for key, rec in sorted(record.files.items()):
+        if key in wanted_keys:
+            continue
+        change, problem = _undo(snapshot, key, rec, spegel)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        del files[key]
+        if change is not None:
+            changes.append(change)
     new_record = Record(
         hosts_dir=snapshot.hosts_dir, mirror_urls=urls, files=files, gate=record.gate
     )
     return Plan(snapshot.hosts_dir, tuple(changes), new_record, tuple(problems))
 
 
-def plan_remove(snapshot: HostsSnapshot, record: Record) -> Plan:
-    """Undo apply: restore originals that still hold what apply wrote, strip the Spegel host tables
-    from files rewritten since, delete files and dirs apply created."""
+def plan_remove(snapshot: HostsSnapshot, record: Record, also_urls: Sequence[str] = ()) -> Plan:
+    """Undo apply: restore baselines of files that still hold what apply wrote, strip the Spegel
+    host tables from files changed since, delete files and dirs apply created that nobody changed.
+    `also_urls`: the mirror URLs of the current config, Spegel's too."""
     changes: list[FileChange] = []
     problems: list[str] = []
     kept: dict[str, FileRecord] = {}  # entries that could not be undone stay on record
-    urls = record.mirror_urls
+    urls = tuple(dict.fromkeys((*record.mirror_urls, *also_urls)))
     for key, rec in sorted(record.files.items()):
-        dir_name = key.split("/", 1)[0]
-        entry = snapshot.entries.get(dir_name)
-        if why := _unsafe(entry, snapshot.hosts_dir):
-            problems.append(why)
+        change, problem = _undo(snapshot, key, rec, urls)
+        if problem is not None:
+            problems.append(problem)
             kept[key] = rec
-            continue
-        current = entry.hosts_toml if entry else None
-        if current is None:
-            if entry is not None and rec.created and rec.created_dir:
-                # the file is gone (a remove killed before its rmdir): still remove the empty
-                # dir apply made, as it would hide _default from containerd
-                changes.append(FileChange(dir_name, "delete", None, None, remove_dir=True))
-            continue
-        unchanged_since_apply = digest(current) == rec.written_sha256
-        if rec.created and (
-            unchanged_since_apply or hoststoml.is_managed(current.decode("utf-8", "replace"))
-        ):
-            changes.append(
-                FileChange(dir_name, "delete", current, None, remove_dir=rec.created_dir)
-            )
-            continue
-        if not rec.created and unchanged_since_apply and rec.original is not None:
-            if rec.original != current:
-                changes.append(FileChange(dir_name, "restore", current, rec.original))
-            continue
-        try:
-            text = _decode(current)
-            stripped = hoststoml.strip(text, urls)
-        except HostsTomlError as e:
-            problems.append(f"{snapshot.hosts_dir}/{key}: {e}")
-            kept[key] = rec
-            continue
-        if stripped != text:
-            changes.append(FileChange(dir_name, "strip", current, stripped.encode()))
+        elif change is not None:
+            changes.append(change)
     remaining = record.with_files(kept) if kept else None
     return Plan(snapshot.hosts_dir, tuple(changes), remaining, tuple(problems))

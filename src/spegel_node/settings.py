@@ -21,6 +21,23 @@ DEFAULT_REGISTRIES = (
     "https://registry.k8s.io",
 )
 # Go's time.ParseDuration: one or more <number><unit>, e.g. "200ms", "1m30s".
+_GO_MAX_NS = (1 << 63) - 1  # time.Duration is an int64 of nanoseconds
+_UNIT_NS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def duration_ns(value: str) -> float | None:
+    """A Go duration in nanoseconds (sign included); None when it is not one."""
+    sign = -1.0 if value.startswith("-") else 1.0
+    body = value.lstrip("+-")
+    if body == "0":
+        return 0.0
+    parts = _DURATION_PART.findall(body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        return None
+    return sign * sum(float(n) * _UNIT_NS[u] for n, u in parts)
+
+
 GO_DURATION = re.compile(r"^[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+$|^0$")
 
 
@@ -110,6 +127,8 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     node_ip = data.get("node_ip", "auto")
     if node_ip != "auto":
         try:
+            if "%" in node_ip:  # containerd drops a hosts.toml whose host URL has a zone
+                raise ValueError("IPv6 zone")
             node_ip = str(ipaddress.ip_address(node_ip))
         except ValueError as e:
             raise BadInput(
@@ -120,9 +139,11 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     extra_mirrors = tuple(parse_mirror_url(m) for m in extra)
 
     dial_timeout = data.get("dial_timeout", "200ms")
-    if not GO_DURATION.match(dial_timeout):
+    ns = duration_ns(dial_timeout) if GO_DURATION.match(dial_timeout) else None
+    if ns is None or not 0 < ns <= _GO_MAX_NS:
         raise BadInput(
-            f"config key 'dial_timeout' must be a Go duration such as \"200ms\", got {dial_timeout!r}"
+            "config key 'dial_timeout' must be a Go duration, positive and up to 2562047h, such as "
+            f'"200ms", got {dial_timeout!r}'
         )
     gate_failures = data.get("gate_failures", 3)
     if not 1 <= gate_failures <= 1000:

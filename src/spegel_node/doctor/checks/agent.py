@@ -14,7 +14,7 @@ from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.remedy import ENABLE_TIMER, INSTALL_UNITS, TIMER_UNITS, apply_command
 from spegel_node.flavors import flavor as flavor_record
-from spegel_node.hoststoml import HostsTomlError, host_urls
+from spegel_node.hoststoml import HostsTomlError, host_urls, mirror_key
 from spegel_node.node import STATE_DIR
 from spegel_node.registry import DEFAULT_DIR
 from spegel_node.state import digest
@@ -82,7 +82,7 @@ class AgentDrift(Check):
                 f"the last apply wrote under {record.hosts_dir}, but the hosts dir is now {hosts_dir}",
                 f"spegel-node remove --hosts-dir {record.hosts_dir} && {apply}",
             )
-        wanted = {u.rstrip("/") for u in facts.mirror_urls}
+        wanted = {mirror_key(u) for u in facts.mirror_urls}
         withdrawn = record.gate.withdrawn
         broken: list[str] = []
         changed: list[str] = []
@@ -103,7 +103,7 @@ class AgentDrift(Check):
             except HostsTomlError as e:
                 broken.append(f"{path}: rewritten since the last apply, now unparseable ({e})")
                 continue
-            if not withdrawn and not any(u.rstrip("/") in wanted for u in urls):
+            if not withdrawn and not any(mirror_key(u) in wanted for u in urls):
                 broken.append(f"{path}: rewritten since the last apply, without the Spegel mirror")
             else:
                 changed.append(f"{path}: changed since the last apply")

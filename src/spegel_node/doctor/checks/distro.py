@@ -12,6 +12,7 @@ from spegel_node.doctor.checks.agent import unit_state
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.remedy import ENABLE_TIMER, restart_command, restart_only
+from spegel_node.hoststoml import mirror_key
 from spegel_node.registry import DEFAULT_DIR
 
 _EMBEDDED = re.compile(
@@ -150,14 +151,14 @@ class RegistriesYaml(Check):
         if raw is None:
             return self.passed(f"no {path}: {self.distro} leaves the hosts dir alone")
         mirrors = registries_yaml_mirrors(raw.decode("utf-8", "replace"))
-        wanted = {u.rstrip("/") for u in facts.mirror_urls}
+        wanted = {mirror_key(u) for u in facts.mirror_urls}
         rewritten: list[str] = []
         served: list[str] = []
         for target in facts.hosts_targets():
             name = "*" if target.name == DEFAULT_DIR else target.name
             if name not in mirrors:
                 continue
-            endpoints = [e.rstrip("/") for e in mirrors[name]]
+            endpoints = [mirror_key(e) for e in mirrors[name]]
             (served if endpoints[:1] and endpoints[0] in wanted else rewritten).append(name)
         if not rewritten:
             if served:
@@ -181,7 +182,7 @@ class RegistriesYaml(Check):
         for name in rewritten:
             lines += [f'  "{name}":', "    endpoint:"]
             lines += [f'      - "{u}"' for u in facts.mirror_urls]
-            lines += [f'      - "{e}"' for e in mirrors[name] if e.rstrip("/") not in wanted]
+            lines += [f'      - "{e}"' for e in mirrors[name] if mirror_key(e) not in wanted]
         return self.warn(
             summary,
             f"name Spegel first in {path}, so {self.distro} writes it itself:\n"

@@ -13,7 +13,7 @@ from spegel_node.doctor.checks import no_layout
 from spegel_node.doctor.facts import Facts, HostsTarget
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.doctor.remedy import apply_command, mirrors_fix
-from spegel_node.hoststoml import redact_url
+from spegel_node.hoststoml import mirror_key, redact_url
 from spegel_node.registry import DEFAULT_DIR, registry_for_host
 from spegel_node.validate import (
     DIAL_TIMEOUT_SINCE,
@@ -55,7 +55,7 @@ VALIDATE_FIX = "`spegel-node validate {path}` explains each warning"
 
 
 def _norm(url: str) -> str:
-    return url.rstrip("/")
+    return mirror_key(url)  # k3s's `http://IP:PORT/v2` is the mirror too
 
 
 @dataclass(frozen=True)
