@@ -135,16 +135,20 @@ def test_default_mode_watches_default_and_every_existing_registry_dir(
     ]
 
 
-def test_a_registry_dir_systemd_cannot_name_is_left_to_the_timer(
+def test_a_dir_that_is_no_registry_name_is_neither_managed_nor_watched(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    # `_default` mode manages only dirs named like a registry (docs/apply.md), so a dir systemd
+    # could not name literally (`%` is its specifier) is not one apply writes: nothing to watch.
     make_containerd(tmp_path, config_path=CONTAINERD_HOSTS)
     set_config(tmp_path, "registries = []\n")
     (tmp_path / CONTAINERD_HOSTS.lstrip("/") / "odd dir%").mkdir(parents=True)
     result = install(capsys, tmp_path, "--exec", EXEC, "--output", "json")
     assert result.code == 0
     assert "odd dir%" not in json.loads(result.out)["units"][PATH]
-    assert "not watching /etc/containerd/certs.d/odd dir%/hosts.toml" in result.err
+    assert "odd dir%" not in result.err
+    assert run_cli(capsys, "apply", "--no-gate", "--root", str(tmp_path)).code == 0
+    assert not (tmp_path / CONTAINERD_HOSTS.lstrip("/") / "odd dir%" / "hosts.toml").exists()
 
 
 def test_second_run_writes_nothing_and_a_registry_change_rewrites_only_the_path_unit(
