@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shlex
+from pathlib import Path
 
 import pytest
 from support.cli import run_cli
+from support.fake_nodes import make_k3s
 
 COMMANDS = [
     "detect",
@@ -47,3 +50,31 @@ def test_usage_errors_are_one_line_exit_2(capsys: pytest.CaptureFixture[str]) ->
     result = run_cli(capsys, "apply", "--bogus")
     assert result.code == 2
     assert result.err == "spegel-node: error: No such option: --bogus\n"
+
+
+@pytest.mark.parametrize("command", ["detect", "helm-values", "validate", "doctor"])
+def test_common_options_work_before_the_subcommand(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    make_k3s(tmp_path)
+    after = run_cli(capsys, command, "--root", str(tmp_path), "-o", "json")
+    before = run_cli(capsys, "--root", str(tmp_path), "-o", "json", command)
+    equals = run_cli(capsys, f"--root={tmp_path}", "--output=json", command)
+    assert before.code == after.code == equals.code and "No such option" not in before.err
+
+    def essence(out: str) -> object:  # doctor's summaries carry timings
+        if command != "doctor":
+            return out
+        return [(c["id"], c["status"]) for c in json.loads(out)["checks"]]
+
+    assert essence(before.out) == essence(after.out) == essence(equals.out)
+
+
+def test_the_subcommands_own_option_wins(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    make_k3s(tmp_path)
+    result = run_cli(
+        capsys, "--root", "/nonexistent", "detect", "--root", str(tmp_path), "-o", "json"
+    )
+    assert result.code == 0 and json.loads(result.out)["flavor"] == "k3s"

@@ -511,11 +511,41 @@ def configure_containerd_command(
     return 0
 
 
+_COMMON_FLAGS = {
+    "--root",
+    "--output",
+    "-o",
+    "--config",
+    "--hosts-dir",
+    "--containerd-socket",
+    "--containerd-config",
+}
+
+
+def _common_options_after_command(argv: list[str]) -> list[str]:
+    """`spegel-node --root /host apply` as `spegel-node apply --root /host` (SPEC: the common
+    options work before the subcommand too); given again after it, the command's own wins."""
+    leading: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name not in _COMMON_FLAGS:
+            break
+        take = 1 if "=" in arg else 2
+        leading += argv[i : i + take]
+        i += take
+    if not leading or i >= len(argv) or argv[i].startswith("-"):
+        return argv
+    return [argv[i], *leading, *argv[i + 1 :]]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; expected failures become one line on stderr and their exit code."""
     command = typer.main.get_command(app)
+    args = _common_options_after_command(list(sys.argv[1:] if argv is None else argv))
     try:
-        result = command.main(args=argv, prog_name="spegel-node", standalone_mode=False)
+        result = command.main(args=args, prog_name="spegel-node", standalone_mode=False)
     except SpegelNodeError as e:
         print(f"spegel-node: error: {e}", file=sys.stderr)
         return e.exit_code
