@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,20 @@ def test_the_subcommands_own_option_wins(
         capsys, "--root", "/nonexistent", "detect", "--root", str(tmp_path), "-o", "json"
     )
     assert result.code == 0 and json.loads(result.out)["flavor"] == "k3s"
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])
+def test_a_closed_stdout_or_stderr_is_no_traceback(tmp_path: Path, closed: str) -> None:
+    make_k3s(tmp_path)
+    cmd = f"{shlex.quote(sys.executable)} -m spegel_node apply --no-gate --root {tmp_path}"
+    done = subprocess.run(
+        ["bash", "-c", f"{cmd} {closed}; echo rc=$?"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.stdout.strip().endswith("rc=0"), done.stdout
+    hosts = tmp_path / "var/lib/rancher/k3s/agent/etc/containerd/certs.d/docker.io/hosts.toml"
+    assert hosts.is_file()  # the work was done

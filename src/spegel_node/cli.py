@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -542,6 +543,11 @@ def _common_options_after_command(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; expected failures become one line on stderr and their exit code."""
+    # A closed stdout or stderr (`>&-`) leaves them None: the work is still done, its words lost.
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     command = typer.main.get_command(app)
     args = _common_options_after_command(list(sys.argv[1:] if argv is None else argv))
     try:
