@@ -29,8 +29,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from support.peers import peer_bin
 from support.sandbox import (
@@ -38,6 +36,7 @@ from support.sandbox import (
     OCI_LAYER,
     OCI_MANIFEST,
     RegistryProc,
+    Started,
     _Daemon,
     _descriptor,
     _put_blob,
@@ -349,7 +348,7 @@ def build_layered_layout(layout: Path, tag: str, layers: int = 3, size: int = 1 
     return total
 
 
-class P2PCluster:
+class P2PCluster(Started):
     """Bridge namespace + upstream + three nodes. A context manager; `close()` is idempotent."""
 
     def __init__(self) -> None:
@@ -363,22 +362,6 @@ class P2PCluster:
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> None:
         _ip("netns", "add", self.bridge_ns)

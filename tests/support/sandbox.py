@@ -511,7 +511,33 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", target], capture_output=True, check=False)
 
 
-class Sandbox:
+class Started:
+    """A context manager over `start()` and `close()`; a failed start is closed again."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Sandbox(Started):
     """containerd + upstream registry + Spegel stand-in + a pushed image, in one temp dir.
 
     Use as a context manager; everything is stopped and removed on exit, also on errors.
@@ -545,22 +571,6 @@ class Sandbox:
         self.image_repo, self.image_tag = image_repo, image_tag
         self.image_ref = ""
         self.startup_s = 0.0
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> None:
         """Start upstream (first: the proxy needs it), the Spegel stand-in, containerd; push."""
