@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv systemd containerd docker-registry skopeo s
 APT_STAMP := $(VENV)/.apt-stamp
 VENV_STAMP := $(VENV)/.venv-stamp
 
-.PHONY: demo test lint unit bench clean peers
+.PHONY: demo test lint unit bench clean peers image
 
 $(APT_STAMP):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -50,3 +50,7 @@ bench: $(VENV_STAMP) $(APT_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# OCI archive dist/spegel-node-image.tar from Debian packages and our wheel, without Docker.
+image: $(VENV_STAMP) $(APT_STAMP)
+	$(BIN)/python scripts/build_image.py
