@@ -22,8 +22,36 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libgcc-s1", "zlib1g", "libssl3", "libffi8", "libexpat1", "libbz2-1.0", "liblzma5", "libuuid1", "libcrypt1"]
-DROP = ["usr/share/doc", "usr/share/man", "usr/share/lintian", "usr/share/locale", "usr/share/info", "usr/lib/x86_64-linux-gnu/gconv", "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib", "usr/lib/python3.11/tkinter", "usr/lib/python3.11/turtledemo", "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/ensurepip", "usr/lib/python3.11/pydoc_data"]
+DEBS = [
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "libgcc-s1",
+    "zlib1g",
+    "libssl3",
+    "libffi8",
+    "libexpat1",
+    "libbz2-1.0",
+    "liblzma5",
+    "libuuid1",
+    "libcrypt1",
+]
+DROP = [
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/lintian",
+    "usr/share/locale",
+    "usr/share/info",
+    "usr/lib/x86_64-linux-gnu/gconv",
+    "usr/lib/python3.11/test",
+    "usr/lib/python3.11/idlelib",
+    "usr/lib/python3.11/tkinter",
+    "usr/lib/python3.11/turtledemo",
+    "usr/lib/python3.11/lib2to3",
+    "usr/lib/python3.11/ensurepip",
+    "usr/lib/python3.11/pydoc_data",
+]
 SITE = "usr/lib/python3/dist-packages"
 ENTRY = "#!/usr/bin/python3.11 -s\nfrom spegel_node.cli import main\n\nraise SystemExit(main())\n"
 
@@ -36,7 +64,11 @@ def rootfs(work: Path, epoch: int) -> Path:
     debs, wheels, root = work / "debs", work / "wheels", work / "root"
     debs.mkdir()
     wheels.mkdir()
-    run("apt-get", "download", "-q", *DEBS, cwd=debs)
+    try:
+        run("apt-get", "download", "-q", *DEBS, cwd=debs)
+    except subprocess.CalledProcessError:  # a fresh machine has no package lists yet
+        run("apt-get", "update", "-qq")
+        run("apt-get", "download", "-q", *DEBS, cwd=debs)
     for deb in sorted(debs.glob("*.deb")):
         run("dpkg-deb", "-x", str(deb), str(root))
     for rel in DROP:
@@ -54,8 +86,13 @@ def rootfs(work: Path, epoch: int) -> Path:
         *sorted(str(w) for w in wheels.glob("*.whl")),
     )
     shutil.rmtree(root / SITE / "bin", ignore_errors=True)
+    # pip records where each wheel came from (a temp dir): drop it, and its line in RECORD.
     for extra in (root / SITE).glob("*.dist-info/direct_url.json"):
         extra.unlink()
+        record = extra.parent / "RECORD"
+        lines = record.read_text().splitlines(keepends=True)
+        gone = f"{extra.parent.name}/direct_url.json,"
+        record.write_text("".join(line for line in lines if not line.startswith(gone)))
     (root / "usr/bin/spegel-node").write_text(ENTRY)
     (root / "usr/bin/spegel-node").chmod(0o755)
     (root / "usr/bin/python3").unlink(missing_ok=True)
