@@ -125,6 +125,7 @@ def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Call
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> int:
+            _inherit_common(kwargs)
             common = _common(*(kwargs.pop(p.name) for p in _COMMON_OPTIONS))
             return command(common, **kwargs)
 
@@ -137,22 +138,86 @@ def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Call
     return register
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"spegel-node {__version__}")
-        raise typer.Exit(0)
+def _inherit_common(kwargs: dict[str, Any]) -> None:
+    """A common option given before the subcommand applies unless the subcommand sets it too."""
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+
+    ctx = get_current_context()
+    before = ctx.obj if isinstance(ctx.obj, dict) else {}
+    for p in _COMMON_OPTIONS:
+        if p.name in before and ctx.get_parameter_source(p.name) in (None, ParameterSource.DEFAULT):
+            kwargs[p.name] = before[p.name]
 
 
-@app.callback()
-def _main(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = False,
-) -> None:
+def _main(ctx: typer.Context, version: bool = False, **common: Any) -> None:
     """spegel-node"""
+    ctx.obj = common  # converted values, for _inherit_common
+    if version:
+        if common["output"] == OutputFormat.json:
+            import platform
+
+            from spegel_node.output import print_json
+
+            print_json(
+                {
+                    "version": __version__,
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                }
+            )
+        else:
+            print(f"spegel-node {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        from typer._click.exceptions import UsageError
+
+        raise UsageError("missing command (see spegel-node --help)")
+
+
+_VersionOpt = Annotated[
+    bool, typer.Option("--version", help="Print the version (with -o json: Python, platform).")
+]
+_main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter(
+            "version", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=_VersionOpt
+        ),
+        *_COMMON_OPTIONS,
+    ],
+    return_annotation=None,
+)
+app.callback(invoke_without_command=True)(_main)
+
+
+class Shell(StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completion(
+    shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")],
+) -> int:
+    """Print a shell completion script.
+
+    Examples:
+
+      source <(spegel-node completion bash)
+
+      spegel-node completion zsh > "${fpath[1]}/_spegel-node"
+
+      spegel-node completion fish > ~/.config/fish/completions/spegel-node.fish
+    """
+    from typer._completion_shared import get_completion_script
+
+    script = get_completion_script(
+        prog_name="spegel-node", complete_var="_SPEGEL_NODE_COMPLETE", shell=shell.value
+    )
+    print(script)
+    return 0
 
 
 def _settings_and_layout(common: Common) -> tuple[Settings, Layout]:
@@ -512,35 +577,6 @@ def configure_containerd_command(
     return 0
 
 
-_COMMON_FLAGS = {
-    "--root",
-    "--output",
-    "-o",
-    "--config",
-    "--hosts-dir",
-    "--containerd-socket",
-    "--containerd-config",
-}
-
-
-def _common_options_after_command(argv: list[str]) -> list[str]:
-    """`spegel-node --root /host apply` as `spegel-node apply --root /host` (SPEC: the common
-    options work before the subcommand too); given again after it, the command's own wins."""
-    leading: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name = arg.split("=", 1)[0]
-        if name not in _COMMON_FLAGS:
-            break
-        take = 1 if "=" in arg else 2
-        leading += argv[i : i + take]
-        i += take
-    if not leading or i >= len(argv) or argv[i].startswith("-"):
-        return argv
-    return [argv[i], *leading, *argv[i + 1 :]]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; expected failures become one line on stderr and their exit code."""
     # A closed stdout or stderr (`>&-`) leaves them None: the work is still done, its words lost.
@@ -549,9 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     command = typer.main.get_command(app)
-    args = _common_options_after_command(list(sys.argv[1:] if argv is None else argv))
+    if "_SPEGEL_NODE_COMPLETE" in os.environ:  # a shell asking for completions (`completion`)
+        from typer._completion_classes import completion_init
+
+        completion_init()
     try:
-        result = command.main(args=args, prog_name="spegel-node", standalone_mode=False)
+        result = command.main(args=argv, prog_name="spegel-node", standalone_mode=False)
     except SpegelNodeError as e:
         print(f"spegel-node: error: {e}", file=sys.stderr)
         return e.exit_code

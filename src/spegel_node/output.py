@@ -26,8 +26,14 @@ def wants_rich(stream: TextIO) -> bool:
     return stream.isatty() and os.environ.get("TERM") != "dumb"
 
 
+SCHEMA = "spegel-node/v1"
+
+
 def print_json(data: Any, stream: TextIO | None = None) -> None:
+    """Every JSON object spegel-node prints leads with `"schema": SCHEMA` (docs/json.md)."""
     out = stream or sys.stdout
+    if isinstance(data, dict) and "schema" not in data:
+        data = {"schema": SCHEMA, **data}
     out.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
