@@ -41,6 +41,7 @@ from support.sandbox import (
     _descriptor,
     _put_blob,
     _unmount_under,
+    skopeo_push,
     wait_until,
 )
 
@@ -385,22 +386,9 @@ class P2PCluster(Started):
         layout = self.root / "layouts" / uuid.uuid4().hex[:8]
         build_layered_layout(layout, tag, layers)
         ref = f"{self.upstream.host}/{repo}:{tag}"
-        cmd = netns_exec(
-            self.bridge_ns,
-            [
-                "skopeo",
-                "--insecure-policy",
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                f"oci:{layout}:{tag}",
-                f"docker://{ref}",
-            ],
+        return skopeo_push(
+            layout, tag, ref, timeout=120, wrap=lambda cmd: netns_exec(self.bridge_ns, cmd)
         )
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"skopeo push of {ref} failed: {result.stderr.strip()}")
-        return ref
 
     def wait_resolvable(self, node: Node, ref: str, timeout: float = 20.0) -> None:
         """Wait until Spegel on `node` can resolve `ref`'s manifest through a peer."""

@@ -511,6 +511,33 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", target], capture_output=True, check=False)
 
 
+def skopeo_push(
+    layout: Path,
+    tag: str,
+    ref: str,
+    *,
+    timeout: float,
+    wrap: Callable[[list[str]], list[str]] = lambda cmd: cmd,
+) -> str:
+    """Push the OCI layout's `tag` to `ref` (a plain-HTTP registry) with skopeo; returns `ref`.
+    `wrap` turns the command into the one to run (e.g. inside a network namespace)."""
+    cmd = wrap(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:{tag}",
+            f"docker://{ref}",
+        ]
+    )
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"skopeo push of {ref} failed: {result.stderr.strip()}")
+    return ref
+
+
 class Started:
     """A context manager over `start()` and `close()`; a failed start is closed again."""
 
@@ -596,20 +623,7 @@ class Sandbox(Started):
         layout = self.root / "layouts" / f"{repo.replace('/', '_')}_{tag}_{uuid.uuid4().hex[:8]}"
         content = f"hello from the spegel sandbox: {repo}:{tag} {uuid.uuid4()}\n".encode()
         build_oci_layout(layout, tag, content)
-        ref = f"{self.upstream.host}/{repo}:{tag}"
-        cmd = [
-            "skopeo",
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            f"oci:{layout}:{tag}",
-            f"docker://{ref}",
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"skopeo push of {ref} failed: {result.stderr.strip()}")
-        return ref
+        return skopeo_push(layout, tag, f"{self.upstream.host}/{repo}:{tag}", timeout=60)
 
     def registry_dir(self, registry: str | None = None) -> Path:
         """`hosts_dir/<registry>` (default: the upstream `host:port`)."""
