@@ -17,11 +17,12 @@ from spegel_node import fsutil, gate, hostsdir, state
 from spegel_node.errors import Refused, SpegelNodeError
 from spegel_node.flavors import FALLBACK_HOSTS_DIR
 from spegel_node.gate import ProbeResult
+from spegel_node.hostsdir_rules import HOSTS_TOML, MAX_HOSTS_TOML
 from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
 from spegel_node.node import STATE_DIR, Node
-from spegel_node.plan import HOSTS_TOML, MAX_HOSTS_TOML, FileChange, Plan, plan_apply, plan_remove
+from spegel_node.plan import FileChange, Plan, plan_apply, plan_remove
 from spegel_node.settings import Settings, resolve_node_ip
 from spegel_node.state import GateState, Record
 

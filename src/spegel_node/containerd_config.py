@@ -25,6 +25,7 @@ from typing import Any
 
 from spegel_node import tomlload
 from spegel_node.errors import SpegelNodeError
+from spegel_node.flavors import FLAVORS, ConfigDropin
 from spegel_node.node import Node
 
 DEFAULT_ROOT = "/var/lib/containerd"
@@ -32,7 +33,6 @@ CONTENT_PLUGIN = "io.containerd.content.v1.content"
 V2_CRI = "io.containerd.grpc.v1.cri"  # containerd 1.x CRI plugin (config versions 1-2)
 V1_CRI = "cri"  # the same plugin's short name in version-1 files
 V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x CRI image service (version 3)
-K0S_MARKER = "# k0s_managed=true"
 _CRI_KEYS = ("config_path", "discard_unpacked_layers", "use_local_image_pull", "registry_mirrors")
 
 
@@ -61,7 +61,12 @@ class ContainerdConfig:
 
     @property
     def content_dir(self) -> str:
-        return posixpath.join(self.root or DEFAULT_ROOT, CONTENT_PLUGIN)
+        return content_dir(self.root or DEFAULT_ROOT)
+
+
+def content_dir(root: str) -> str:
+    """Where containerd under `root` keeps its content store (what Spegel serves from)."""
+    return posixpath.join(root, CONTENT_PLUGIN)
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,11 @@ def read_containerd_config(node: Node, path: str) -> ContainerdConfig:
     state: dict[str, Any] = {}
     for f in files:
         _merge(state, f, deep=deep)
-    if _k0s_managed(node, path):
+    dropin = managed_dropin(node, path)
+    if dropin is not None:
         loaded = {f.path for f in files}
-        patches = [_parse(p, _load(node, p)) for p in _k0s_dropins(node, path) if p not in loaded]
+        pattern = posixpath.join(posixpath.dirname(dropin.path), "*.toml")
+        patches = [_parse(p, _load(node, p)) for p in _glob(node, pattern) if p not in loaded]
         for f in patches:
             _merge(state, f, deep=True)
         files += patches
@@ -312,16 +319,17 @@ def _glob(node: Node, pattern: str) -> list[str]:
     return [node.display(m) for m in matches if Path(m).is_file()]
 
 
-def _k0s_managed(node: Node, path: str) -> bool:
+def managed_dropin(node: Node, path: str) -> ConfigDropin | None:
+    """The drop-ins a distro merges into `path`, when `path` is the config it generates (k0s)."""
     try:
         lines = node.path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
-        return False
-    return K0S_MARKER in (line.rstrip() for line in lines)
-
-
-def _k0s_dropins(node: Node, path: str) -> list[str]:
-    return _glob(node, posixpath.join(posixpath.dirname(path), "containerd.d", "*.toml"))
+        return None
+    stripped = {line.rstrip() for line in lines}
+    for record in FLAVORS.values():
+        if record.dropin and record.config == path and record.dropin.managed_marker in stripped:
+            return record.dropin
+    return None
 
 
 # --- writing snippets --------------------------------------------------------------------------

@@ -51,9 +51,11 @@ from spegel_node.containerd_config import (
     V3_IMAGES,
     ContainerdConfig,
     config_snippet,
+    managed_dropin,
     read_containerd_config,
 )
 from spegel_node.errors import Refused, SpegelNodeError
+from spegel_node.flavors import ConfigDropin, Flavor
 from spegel_node.flavors import flavor as flavor_record
 from spegel_node.instructions import TALOS_DISCARD_PART, bottlerocket_settings
 from spegel_node.layout import Layout, parse_containerd_cmdline
@@ -61,11 +63,6 @@ from spegel_node.node import Node
 from spegel_node.redact import redact_hosts_toml
 
 MANAGED_HEADER = "# managed by spegel-node configure-containerd\n"
-K0S_MAIN = "/etc/k0s/containerd.toml"
-K0S_DROPIN = "/etc/k0s/containerd.d/spegel-node.toml"
-K0S_CRI = "/run/k0s/containerd-cri.toml"
-K0S_UNITS = ("k0sworker.service", "k0scontroller.service")
-K0S_MARKER = "# k0s_managed=true"
 NEW_FILE_VERSION = 2  # read by containerd 1.x, migrated on load by 2.x
 CONFIG_MODE = 0o644
 START_SLACK_S = 0.05  # clock ticks and timestamp rounding
@@ -116,10 +113,6 @@ class SetupOutcome:
     restart_reason: str = ""
     notes: tuple[str, ...] = field(default=())
 
-    @property
-    def changed(self) -> bool:
-        return self.plan.changed
-
     def to_json(self) -> dict[str, Any]:
         plan = self.plan
         return {
@@ -142,34 +135,36 @@ class SetupOutcome:
 
 
 def _refusal(layout: Layout, hosts_dir: str, mirror_urls: Sequence[str]) -> Refused | None:
-    flavor = layout.flavor
-    config = layout.containerd_config or flavor_record(flavor).config
-    if flavor == "talos":
+    record = flavor_record(layout.flavor)
+    config = layout.containerd_config or record.config
+    via = record.cri_config_via
+    if via == "machine-config":
         return Refused(
-            "Talos generates containerd's config from its machine config (/etc is read-only) and "
-            f"already sets config_path to {hosts_dir}; set discard_unpacked_layers = false with a "
-            "machine config patch instead (save as discard.yaml, then: talosctl patch mc --nodes "
-            "NODE --patch @discard.yaml):\nmachine:\n  files:\n" + TALOS_DISCARD_PART
+            f"{record.display} generates containerd's config from its machine config (/etc is "
+            f"read-only) and already sets config_path to {hosts_dir}; set "
+            "discard_unpacked_layers = false with a machine config patch instead (save as "
+            "discard.yaml, then: talosctl patch mc --nodes NODE --patch @discard.yaml):\n"
+            "machine:\n  files:\n" + TALOS_DISCARD_PART
         )
-    if flavor == "bottlerocket":
+    if via == "api-settings":
         return Refused(
-            "Bottlerocket renders containerd's config from its API settings (/etc/containerd is "
-            "a tmpfs); configure the registry mirrors there instead, e.g.:\n"
+            f"{record.display} renders containerd's config from its API settings (/etc/containerd "
+            "is a tmpfs); configure the registry mirrors there instead, e.g.:\n"
             + bottlerocket_settings((), mirror_urls).rstrip("\n")
         )
-    if flavor in ("k3s", "rke2"):
+    if via == "rancher-template":
         return Refused(
-            f"{flavor} generates {config} at every start and already sets config_path to "
+            f"{record.name} generates {config} at every start and already sets config_path to "
             f"{hosts_dir} (discard_unpacked_layers is false unless you changed its template); "
-            f"nothing to configure: leave configure-containerd off for {flavor} nodes "
+            f"nothing to configure: leave configure-containerd off for {record.name} nodes "
             "(Ansible: spegel_node_configure_containerd: false)"
         )
-    if flavor == "microk8s":
+    if via == "microk8s-template":
         return Refused(
-            f"MicroK8s already sets config_path to {hosts_dir} in {config}; nothing to configure: "
-            "leave configure-containerd off for MicroK8s nodes"
+            f"{record.display} already sets config_path to {hosts_dir} in {config}; nothing to "
+            f"configure: leave configure-containerd off for {record.display} nodes"
         )
-    if flavor == "eks":
+    if via == "nodeadm":
         return Refused(
             f"nodeadm rewrites {config} at every boot and already sets config_path; set "
             "discard_unpacked_layers = false in the NodeConfig (spec.containerd.config) instead:\n"
@@ -261,31 +256,24 @@ def target_file(node: Node, config: ContainerdConfig) -> str:
     return target
 
 
-def _k0s_managed(node: Node) -> bool:
+def _dropin_version(node: Node, dropin: ConfigDropin) -> tuple[int, str]:
     try:
-        text = node.path(K0S_MAIN).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return K0S_MARKER in (line.rstrip() for line in text.splitlines())
-
-
-def _k0s_dropin_version(node: Node) -> tuple[int, str]:
-    try:
-        data = _load_toml(node, K0S_CRI)
+        data = _load_toml(node, dropin.generated)
     except (OSError, tomlload.TomlLoadError):
         return 3, (
-            f"{K0S_CRI} not found (k0s has not started yet?): wrote a version 3 drop-in, as for "
-            "k0s with containerd 2.x"
+            f"{dropin.generated} not found (not generated yet?): wrote a version 3 drop-in, as "
+            "for containerd 2.x"
         )
     return _file_version(data, 3), ""
 
 
-def _k0s_service(node: Node) -> str:
-    for unit in K0S_UNITS:
+def _service(node: Node, record: Flavor) -> str:
+    """The first of the flavor's containerd units installed on the node (else the first)."""
+    for unit in record.services:
         for base in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):
             if node.path(posixpath.join(base, unit)).exists():
                 return unit
-    return K0S_UNITS[0]
+    return record.services[0]
 
 
 # --- editing TOML --------------------------------------------------------------------------------
@@ -424,29 +412,25 @@ def plan_setup(
     refusal = _refusal(layout, hosts_dir, mirror_urls)
     if refusal is not None:
         raise refusal
-    if not flavor_record(layout.flavor).configurable:  # no refusal above, nor editable
+    record = flavor_record(layout.flavor)
+    if not record.configurable:  # no refusal above, nor editable
         raise Refused(f"configure-containerd does not know how to configure {layout.flavor}")
-    config_file = layout.containerd_config or flavor_record(layout.flavor).config
+    config_file = layout.containerd_config or record.config
     config = read_containerd_config(node, config_file) if node.path(config_file).exists() else None
     _check_config(config, hosts_dir, override)
     config_path = config.config_path if config and hosts_dir in config.hosts_dirs else hosts_dir
     assert config_path is not None
     notes: list[str] = []
-    if layout.flavor == "k0s" and _k0s_managed(node) and config_file == K0S_MAIN:
-        version, note = _k0s_dropin_version(node)
+    service = _service(node, record)
+    dropin = managed_dropin(node, config_file)
+    if dropin is not None:
+        version, note = _dropin_version(node, dropin)
         notes += [note] if note else []
         after = edit_config_text(None, version, placements(version, config_path))
+        before = _read_text(node, dropin.path)
         return SetupPlan(
-            layout.flavor,
-            K0S_DROPIN,
-            version,
-            _read_text(node, K0S_DROPIN),
-            after,
-            config_path,
-            _k0s_service(node),
-            tuple(notes),
+            layout.flavor, dropin.path, version, before, after, config_path, service, tuple(notes)
         )
-    service = _k0s_service(node) if layout.flavor == "k0s" else "containerd.service"
     if config is None:
         path, version = config_file, NEW_FILE_VERSION
         notes.append(f"{path} did not exist: created it with version = {version}")
@@ -525,7 +509,7 @@ def _process_started_before(node: Node, plan: SetupPlan, config_file: str) -> st
             parsed = parse_containerd_cmdline(proc.info.get("cmdline") or [], proc.info.get("pid"))
             if parsed is None or parsed.pid is None:
                 continue
-            if plan.flavor != "k0s" and parsed.effective_config != config_file:
+            if flavor_record(plan.flavor).dropin is None and parsed.effective_config != config_file:
                 continue
             started = process_start_time(parsed.pid)
             if started is not None and started < mtime - START_SLACK_S:
@@ -550,7 +534,8 @@ def configure_containerd(
     notes: list[str] = []
     if plan.changed and not dry_run:
         _write(node, plan.path, plan.after)
-        if layout.flavor != "k0s" or plan.path != K0S_DROPIN:
+        dropin = flavor_record(layout.flavor).dropin
+        if dropin is None or plan.path != dropin.path:
             check = read_containerd_config(node, config_file)
             if plan.config_path != check.config_path or check.discard_unpacked_layers is not False:
                 notes.append(

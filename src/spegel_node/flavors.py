@@ -9,9 +9,10 @@ instructions.py, keyed by `Flavor.owner`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 DEFAULT_SOCKET = "/run/containerd/containerd.sock"
-DEFAULT_CONFIG = "/etc/containerd/config.toml"
+DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 DEFAULT_ROOT = "/var/lib/containerd"
 # Where to write when a node names no hosts dir: the first entry of containerd 2.2's default
 # config_path, and the convention before it.
@@ -21,11 +22,36 @@ COMMON_CONTAINERD = ("/usr/bin/containerd", "/usr/local/bin/containerd")
 COMMON_CRICTL = ("/usr/bin/crictl", "/usr/local/bin/crictl")
 
 
+# Where a person changes containerd's CRI settings on a flavor (the remediation text and
+# configure-containerd follow it): its config file itself, a drop-in the distro merges, the
+# distro's template or cluster/node config, or the OS's own source of truth.
+CriConfigVia = Literal[
+    "file",
+    "dropin",
+    "rancher-template",
+    "microk8s-template",
+    "kind-patch",
+    "nodeadm",
+    "machine-config",
+    "api-settings",
+]
+
+
+@dataclass(frozen=True)
+class ConfigDropin:
+    """A distro that merges drop-ins into the CRI config it generates (k0s)."""
+
+    path: str  # the drop-in spegel-node writes
+    managed_marker: str  # a line of the main config telling that the distro generates it
+    generated: str  # the CRI config the distro generated: the drop-in follows its version
+
+
 @dataclass(frozen=True)
 class Flavor:
     name: str
+    title: str = ""  # as the distro spells itself in prose (defaults to name)
     socket: str = DEFAULT_SOCKET
-    config: str = DEFAULT_CONFIG
+    config: str = DEFAULT_CONTAINERD_CONFIG
     hosts_dir: str | None = (
         "/etc/containerd/certs.d"  # conventional; ':'-separated like config_path
     )
@@ -43,16 +69,25 @@ class Flavor:
     restart: str = DEFAULT_RESTART  # how containerd picks up config changes (`# comment` allowed)
     containerd_bins: tuple[str, ...] = ()  # flavor-specific binaries, before COMMON_CONTAINERD
     crictl_bins: tuple[str, ...] = ()
+    cri_config_via: CriConfigVia = "file"
+    dropin: ConfigDropin | None = None
+    services: tuple[str, ...] = ("containerd.service",)  # the units that run its containerd
+    evidence_markers: tuple[str, ...] = ()  # shown as evidence, never decide the flavor
+
+    @property
+    def display(self) -> str:
+        return self.title or self.name
 
     @property
     def distro_owned(self) -> bool:
         return self.owner != "agent"
 
 
-def _rancher(distro: str, bin_dir: str, restart: str) -> Flavor:
+def _rancher(distro: str, title: str, bin_dir: str, restart: str) -> Flavor:
     agent = f"/var/lib/rancher/{distro}/agent"
     return Flavor(
         distro,
+        title=title,
         socket="/run/k3s/containerd/containerd.sock",  # RKE2 uses k3s's path too
         config=f"{agent}/etc/containerd/config.toml",
         hosts_dir=f"{agent}/etc/containerd/certs.d",
@@ -64,6 +99,7 @@ def _rancher(distro: str, bin_dir: str, restart: str) -> Flavor:
         restart=restart,
         containerd_bins=(f"{bin_dir}/containerd",),
         crictl_bins=(f"{bin_dir}/crictl",),
+        cri_config_via="rancher-template",
     )
 
 
@@ -74,6 +110,7 @@ FLAVORS: dict[str, Flavor] = {
     for f in (
         Flavor(
             "talos",
+            title="Talos",
             config="/etc/cri/containerd.toml",
             hosts_dir="/etc/cri/conf.d/hosts",
             sets_config_path=True,
@@ -81,13 +118,16 @@ FLAVORS: dict[str, Flavor] = {
             owner="machine-config",
             discards_unpacked_layers=True,
             restart="talosctl --nodes NODE service cri restart",
+            cri_config_via="machine-config",
         ),
         Flavor(
             "bottlerocket",
+            title="Bottlerocket",
             hosts_dir=None,  # rendered from its API settings
             os_id="bottlerocket",
             owner="api-settings",
             restart="apiclient reboot",
+            cri_config_via="api-settings",
         ),
         Flavor(
             "kind",
@@ -96,14 +136,17 @@ FLAVORS: dict[str, Flavor] = {
             discards_unpacked_layers=True,
             configurable=True,
             restart="kind delete cluster && kind create cluster --config kind.yaml",
+            cri_config_via="kind-patch",
         ),
         _rancher(
+            "k3s",
             "k3s",
             "/var/lib/rancher/k3s/data/current/bin",
             "sudo systemctl restart k3s   # k3s-agent on agent nodes",
         ),
         _rancher(
             "rke2",
+            "RKE2",
             "/var/lib/rancher/rke2/bin",
             "sudo systemctl restart rke2-server   # rke2-agent on agent nodes",
         ),
@@ -117,9 +160,18 @@ FLAVORS: dict[str, Flavor] = {
             configurable=True,
             restart="sudo systemctl restart k0sworker   # k0scontroller on controller+worker nodes",
             containerd_bins=("/var/lib/k0s/bin/containerd",),
+            cri_config_via="dropin",
+            # k0s docs, "k0s managed dynamic runtime configuration"
+            dropin=ConfigDropin(
+                "/etc/k0s/containerd.d/spegel-node.toml",
+                "# k0s_managed=true",
+                "/run/k0s/containerd-cri.toml",
+            ),
+            services=("k0sworker.service", "k0scontroller.service"),
         ),
         Flavor(
             "microk8s",
+            title="MicroK8s",
             socket="/var/snap/microk8s/common/run/containerd.sock",
             config="/var/snap/microk8s/current/args/containerd.toml",
             hosts_dir="/var/snap/microk8s/current/args/certs.d",
@@ -127,6 +179,7 @@ FLAVORS: dict[str, Flavor] = {
             sets_config_path=True,
             markers=("/var/snap/microk8s", "/snap/microk8s"),
             restart="sudo snap restart microk8s",
+            cri_config_via="microk8s-template",
             containerd_bins=("/snap/microk8s/current/bin/containerd",),
         ),
         Flavor(
@@ -135,10 +188,15 @@ FLAVORS: dict[str, Flavor] = {
             sets_config_path=True,
             markers=("/usr/bin/nodeadm", "/etc/eks"),
             discards_unpacked_layers=True,
+            cri_config_via="nodeadm",
         ),
         # kubeadm and the like with the distro's containerd; containerd < 2.2 has no default
         # config_path, so the hosts dir is the convention only.
-        Flavor("containerd", configurable=True),
+        Flavor(
+            "containerd",
+            configurable=True,
+            evidence_markers=("/etc/kubernetes/kubelet.conf",),  # kubeadm's
+        ),
     )
 }
 PLAIN = FLAVORS["containerd"]

@@ -8,10 +8,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from spegel_node import fsutil
-from spegel_node.plan import HOSTS_TOML, MAX_HOSTS_TOML, DirEntry, HostsSnapshot
+from spegel_node.hostsdir_rules import HOSTS_TOML, MAX_HOSTS_TOML
+from spegel_node.plan import DirEntry, HostsSnapshot
 
 
-def _kind(mode: int) -> str:
+def _file_kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symlink"
     if stat.S_ISDIR(mode):
@@ -22,14 +23,14 @@ def _kind(mode: int) -> str:
 
 
 def _read_entry(hosts_fd: int, name: str, st: os.stat_result) -> DirEntry:
-    kind = _kind(st.st_mode)
+    kind = _file_kind(st.st_mode)
     if kind != "dir":
         return DirEntry(name, kind)
     with fsutil.open_subdir(hosts_fd, name) as dir_fd:
         hst = fsutil.lstat_at(dir_fd, HOSTS_TOML)
         if hst is None:
             return DirEntry(name, "dir")
-        file_kind = _kind(hst.st_mode)
+        file_kind = _file_kind(hst.st_mode)
         data = fsutil.read_at(dir_fd, HOSTS_TOML, MAX_HOSTS_TOML) if file_kind == "file" else None
         if data is not None and len(data) > MAX_HOSTS_TOML:  # read_at stops one byte past it
             return DirEntry(name, "dir", "too_large")

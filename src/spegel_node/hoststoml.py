@@ -96,10 +96,10 @@ def merge(existing: str, mirrors: Sequence[MirrorHost]) -> str:
     if _mirrors_first(doc, wanted):
         return existing
     nl = _newline(existing)
-    pieces = _drop(_split(existing), {_norm(m.url) for m in wanted}, nl)
+    pieces = _drop(_split(existing), {mirror_key(m.url) for m in wanted}, nl)
     result = _insert(pieces, wanted, nl)
     expected_hosts = {m.url: _table_value(m) for m in wanted}
-    expected_hosts.update(_without(_hosts(doc), {_norm(m.url) for m in wanted}))
+    expected_hosts.update(_without(_hosts(doc), {mirror_key(m.url) for m in wanted}))
     _verify(result, doc, expected_hosts, "merge the Spegel mirrors into")
     return result
 
@@ -110,10 +110,10 @@ def strip(existing: str, mirror_urls: Iterable[str]) -> str:
     When they were the last thing in the file, one blank line before them goes too (the one
     `merge` adds when it appends). Returns `existing` itself when none of the URLs is there.
     """
-    urls = {_norm(u) for u in mirror_urls}
+    urls = {mirror_key(u) for u in mirror_urls}
     doc = _load(existing)
     hosts = _hosts(doc)
-    if not any(_norm(u) in urls for u in hosts):
+    if not any(mirror_key(u) in urls for u in hosts):
         return existing
     result = "".join(p.text for p in _drop(_split(existing), urls, _newline(existing)))
     _verify(result, doc, _without(hosts, urls), "remove the Spegel mirrors from")
@@ -121,8 +121,10 @@ def strip(existing: str, mirror_urls: Iterable[str]) -> str:
 
 
 def mirror_key(url: str) -> str:
-    """What two host URLs that are the same mirror have in common (trailing "/" or "/v2" off)."""
-    return _norm(url)
+    """A host URL compared as containerd dials it: without a trailing "/" or "/v2" (k3s writes
+    mirror endpoints as `http://IP:PORT/v2`), so two URLs of the same mirror compare equal."""
+    url = url[:-1] if url.endswith("/") else url
+    return url[:-3] if url.endswith("/v2") else url
 
 
 def redact_url(url: str) -> str:
@@ -249,7 +251,7 @@ def _drop(pieces: list[_Piece], urls: set[str], nl: str) -> list[_Piece]:
     When the tables removed were the last thing in the file, one blank line above them goes too:
     that is the separator `_insert` adds when it appends at the end.
     """
-    keep = [p.host_url is None or _norm(p.host_url) not in urls for p in pieces]
+    keep = [p.host_url is None or mirror_key(p.host_url) not in urls for p in pieces]
     kept = [p for p, k in zip(pieces, keep, strict=True) if k]
     if kept and not keep[-1] and kept[-1].text.endswith(nl + nl):
         kept[-1] = _Piece(kept[-1].text[: -len(nl)], kept[-1].path)
@@ -332,19 +334,12 @@ def _canonical(value: Any) -> Any:
 # ---------------------------------------------------------------- helpers
 
 
-def _norm(url: str) -> str:
-    """A host URL compared as containerd dials it: without a trailing "/" or "/v2" (k3s writes
-    mirror endpoints as `http://IP:PORT/v2`)."""
-    url = url[:-1] if url.endswith("/") else url
-    return url[:-3] if url.endswith("/v2") else url
-
-
 def _dedupe(mirrors: Sequence[MirrorHost]) -> list[MirrorHost]:
     seen: set[str] = set()
     out: list[MirrorHost] = []
     for m in mirrors:
-        if _norm(m.url) not in seen:
-            seen.add(_norm(m.url))
+        if mirror_key(m.url) not in seen:
+            seen.add(mirror_key(m.url))
             out.append(m)
     return out
 
@@ -354,7 +349,7 @@ def _table_value(mirror: MirrorHost) -> dict[str, Any]:
 
 
 def _without(hosts: dict[str, dict[str, Any]], urls: set[str]) -> dict[str, Any]:
-    return {u: t for u, t in hosts.items() if _norm(u) not in urls}
+    return {u: t for u, t in hosts.items() if mirror_key(u) not in urls}
 
 
 def _mirrors_first(doc: dict[str, Any], mirrors: Sequence[MirrorHost]) -> bool:
@@ -362,7 +357,7 @@ def _mirrors_first(doc: dict[str, Any], mirrors: Sequence[MirrorHost]) -> bool:
     if len(first) < len(mirrors):
         return False
     return all(
-        _norm(url) == _norm(m.url) and table == _table_value(m)
+        mirror_key(url) == mirror_key(m.url) and table == _table_value(m)
         for (url, table), m in zip(first, mirrors, strict=True)
     )
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from spegel_node import flavors
 from spegel_node.containerd_config import (
-    CONTENT_PLUGIN,
     ContainerdConfig,
     ContainerdConfigError,
+    content_dir,
     read_containerd_config,
 )
 from spegel_node.errors import SpegelNodeError
@@ -23,9 +23,8 @@ from spegel_node.flavors import Flavor
 from spegel_node.node import Node
 
 DEFAULT_SOCKET = flavors.DEFAULT_SOCKET
-DEFAULT_CONFIG = flavors.DEFAULT_CONFIG
+DEFAULT_CONTAINERD_CONFIG = flavors.DEFAULT_CONTAINERD_CONFIG
 FLAVORS = tuple(flavors.FLAVORS)
-KUBEADM_MARKER = "/etc/kubernetes/kubelet.conf"
 OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
 # containerd instances that do not serve the kubelet (Talos system, Docker's, Bottlerocket host).
 NON_CRI_SOCKETS = frozenset(
@@ -53,7 +52,7 @@ class ContainerdProcess:
 
     @property
     def effective_config(self) -> str:
-        return self.config or DEFAULT_CONFIG
+        return self.config or DEFAULT_CONTAINERD_CONFIG
 
     def describe(self) -> str:
         flags = [
@@ -180,7 +179,7 @@ def _pick_process(procs: Sequence[ContainerdProcess], flavor: str) -> Containerd
         score = _process_score(p, d)
         if score > best[0]:
             best = (score, p)
-    if best[1] is not None or flavor != "containerd":
+    if best[1] is not None or flavor != flavors.PLAIN.name:
         return best[1]
     others = [p for p in procs if (p.address or DEFAULT_SOCKET) not in NON_CRI_SOCKETS]
     return others[0] if others else None
@@ -238,8 +237,8 @@ def _plain_containerd(node: Node, procs: Sequence[ContainerdProcess]) -> bool:
     """A containerd without a known distro: its socket, its config or a running daemon."""
     return (
         node.path(DEFAULT_SOCKET).exists()
-        or node.path(DEFAULT_CONFIG).is_file()
-        or _pick_process(procs, "containerd") is not None
+        or node.path(DEFAULT_CONTAINERD_CONFIG).is_file()
+        or _pick_process(procs, flavors.PLAIN.name) is not None
     )
 
 
@@ -251,7 +250,7 @@ def _no_layout(node: Node) -> NoLayout:
     where = f" under {node.root}" if str(node.root) != "/" else ""
     return NoLayout(
         f"no containerd found{where}: looked for distro markers ({', '.join(markers)}), "
-        f"the socket {DEFAULT_SOCKET}, the config {DEFAULT_CONFIG}"
+        f"the socket {DEFAULT_SOCKET}, the config {DEFAULT_CONTAINERD_CONFIG}"
         + (" and a running containerd process" if node.is_live else "")
         + "; set --containerd-socket/--containerd-config/--hosts-dir for other layouts"
     )
@@ -286,11 +285,10 @@ def detect(
     flavor = _choose_flavor(node, hits, procs)
     if flavor is None and not override_lines and not _plain_containerd(node, procs):
         raise _no_layout(node)
-    flavor = flavor or "containerd"
-    evidence = list(hits.get(flavor, []))
-    if flavor == "containerd" and node.path(KUBEADM_MARKER).exists():
-        evidence.append(f"marker {KUBEADM_MARKER}")
+    flavor = flavor or flavors.PLAIN.name
     d = flavors.FLAVORS[flavor]
+    evidence = list(hits.get(flavor, []))
+    evidence += [f"marker {m}" for m in d.evidence_markers if node.path(m).exists()]
     if containerd_socket or containerd_config:
         # The operator named a containerd: only a process running with that config or socket
         # speaks for it (another daemon's --root would give the wrong content dir).
@@ -319,7 +317,7 @@ def detect(
         hosts_dir=dirs[0] if dirs else None,
         hosts_dirs=dirs,
         config_path_set=config_path_set,
-        content_dir=posixpath.join(root, CONTENT_PLUGIN),
+        content_dir=content_dir(root),
         distro_owned=d.distro_owned,
         evidence=tuple(dict.fromkeys([*evidence, *config_lines, *dir_lines, *override_lines])),
         config=config,

@@ -87,4 +87,4 @@ class Node:
 
 _MAX_LINK_HOPS = 40  # as the kernel (MAXSYMLINKS)
 STATE_DIR = "/var/lib/spegel-node"
-DEFAULT_CONFIG = "/etc/spegel-node/config.toml"
+DEFAULT_SETTINGS_PATH = "/etc/spegel-node/config.toml"

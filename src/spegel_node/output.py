@@ -78,3 +78,8 @@ def print_lines(lines: Sequence[str], stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     for line in lines:
         out.write(line + "\n")
+
+
+def indent(text: str, by: str = "  ") -> str:
+    """`text` with each non-empty line indented `by`, trailing newlines dropped."""
+    return "\n".join(by + line if line else line for line in text.rstrip("\n").split("\n"))

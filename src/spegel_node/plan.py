@@ -6,20 +6,15 @@ Nothing here reads or writes the node; `hostsdir.scan` takes the snapshot, `appl
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from spegel_node import hoststoml
+from spegel_node.hostsdir_rules import HOSTS_TOML, MAX_HOSTS_TOML, managed_dirs
 from spegel_node.hoststoml import HostsTomlError, MirrorHost
 from spegel_node.redact import redact_hosts_toml
-from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
+from spegel_node.registry import Registry, registry_for_host
 from spegel_node.state import FileRecord, Record, digest
-
-HOSTS_TOML = "hosts.toml"
-# a registry dir's name: host[:port], [IPv6][:port] or host_port_ (what containerd looks up)
-_REGISTRY_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*(:\d+|_\d+_)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
-MAX_HOSTS_TOML = 4 << 20  # larger files are left alone, never read in part and written back
 
 
 @dataclass(frozen=True)
@@ -83,25 +78,16 @@ class Plan:
 
 
 def targets(registries: Sequence[Registry], snapshot: HostsSnapshot) -> list[Target]:
-    """The registry dirs to manage: the dir containerd reads for each registry (first existing of
-    `host_port_`, `host:port`; otherwise a new `host:port`). With no registries: `_default` plus
-    every existing registry dir, since those dirs would otherwise bypass `_default`."""
-    if registries:
-        found: list[Target] = []
-        for registry in registries:
-            existing = [n for n in registry.dir_names if n in snapshot.entries]
-            found.append(
-                Target(existing[0] if existing else registry.dir_names[-1], registry.upstream)
-            )
-        return found
-    others = sorted(
-        n
-        for n, e in snapshot.entries.items()
-        if not n.startswith(("_", "."))
-        and e.kind in ("dir", "symlink")
-        and _REGISTRY_DIR.fullmatch(n)
-    )  # a README or lost+found is no registry
-    return [Target(DEFAULT_DIR, None)] + [Target(n, registry_for_host(n).upstream) for n in others]
+    """The registry dirs to manage (hostsdir_rules.managed_dirs), each with its `server`."""
+    by_host = {r.host: r for r in registries}
+    entries = {n: e.kind in ("dir", "symlink") for n, e in snapshot.entries.items()}
+    return [
+        Target(
+            d.dir_name,
+            None if d.host is None else by_host.get(d.host, registry_for_host(d.host)).upstream,
+        )
+        for d in managed_dirs([r.host for r in registries], entries)
+    ]
 
 
 def _unsafe(entry: DirEntry | None, hosts_dir: str) -> str | None:

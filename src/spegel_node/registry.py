@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from spegel_node import hostsdir_rules
 from spegel_node.errors import BadInput
 
-DEFAULT_DIR = "_default"
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_UPSTREAM = "https://registry-1.docker.io"
 
@@ -33,10 +33,7 @@ class Registry:
     @property
     def dir_names(self) -> tuple[str, ...]:
         """Directory names containerd tries, in order, before `_default` (HostDirFromRoot)."""
-        head, sep, port = self.host.rpartition(":")
-        if sep and port.isdigit() and not self.host.endswith("]"):
-            return (f"{head}_{port}_", self.host)
-        return (self.host,)
+        return hostsdir_rules.dir_names(self.host)
 
     @property
     def upstream(self) -> str:
@@ -109,7 +106,4 @@ def parse_mirror_url(raw: object) -> str:
 
 def registry_for_host(host: str) -> Registry:
     """The registry a hosts dir entry names (`ghcr.io`, `host:port`, `host_port_`)."""
-    m = re.fullmatch(r"(.+)_(\d+)_", host)
-    if m:
-        host = f"{m.group(1)}:{m.group(2)}"
-    return Registry(scheme="https", host=host)
+    return Registry(scheme="https", host=hostsdir_rules.host_of_dir(host))

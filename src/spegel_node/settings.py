@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from spegel_node.errors import BadInput
-from spegel_node.node import DEFAULT_CONFIG, Node
+from spegel_node.node import DEFAULT_SETTINGS_PATH, Node
 from spegel_node.registry import Registry, parse_mirror_url, parse_registry
 
 DEFAULT_REGISTRIES = (
@@ -199,11 +199,11 @@ def load_settings(
 
     `overrides` are the --hosts-dir/--containerd-socket/--containerd-config flags; a set flag wins.
     """
-    path = config if config is not None else node.path(DEFAULT_CONFIG)
+    path = config if config is not None else node.path(DEFAULT_SETTINGS_PATH)
     data: dict[str, Any] = {}
     source = "defaults"
     if config is not None or path.exists():
-        source = str(config) if config is not None else DEFAULT_CONFIG
+        source = str(config) if config is not None else DEFAULT_SETTINGS_PATH
         try:
             raw = path.read_bytes()
         except FileNotFoundError as e:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from spegel_node import fsutil, hostsdir
 from spegel_node.errors import BadInput, Refused
+from spegel_node.hostsdir_rules import HOSTS_TOML
 from spegel_node.node import STATE_DIR, Node
-from spegel_node.plan import HOSTS_TOML, HostsSnapshot, targets
+from spegel_node.plan import HostsSnapshot, targets
 from spegel_node.registry import Registry
 
 SERVICE = "spegel-node-repair.service"

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from spegel_node.errors import BadInput
+from spegel_node.hostsdir_rules import DEFAULT_DIR, shadowed_by
 from spegel_node.hoststoml import redact_text, redact_url, table_header_path
-from spegel_node.registry import DEFAULT_DIR
 from spegel_node.settings import GO_DURATION
 from spegel_node.tomlload import too_complex
 
@@ -54,7 +54,6 @@ CAPABILITIES = ("pull", "resolve", "push")
 _VERSION = re.compile(r"v?(\d{1,6})\.(\d{1,6})(?:\.(\d{1,6}))?(?:[-+~][0-9A-Za-z.+~-]*)?")
 _SYNTAX_AT = re.compile(r"\(at line (\d+), column \d+\)")
 _BAD_HOST_CHAR = re.compile(r"[ {}|\\^`]")  # what Go's url.Parse refuses in a host
-_PORT_DIR = re.compile(r"(.+)_(\d+)_")
 _HEADER_START = re.compile(r"[ \t]*\[")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _COMMENT_CONTROL = re.compile(r"(?m)^[ \t]*#.*$")  # whole-line comments only
@@ -215,9 +214,9 @@ def validate_hosts_dir(
 
 
 def _dir_findings(d: Path, names: set[str], display: Callable[[Path], str]) -> Iterator[Finding]:
-    m = _PORT_DIR.fullmatch(d.name)
-    if m and f"{m.group(1)}:{m.group(2)}" in names:
-        shadowed = d.parent / f"{m.group(1)}:{m.group(2)}"
+    hidden = shadowed_by(d.name)
+    if hidden is not None and hidden in names:
+        shadowed = d.parent / hidden
         yield Finding(
             display(shadowed),
             None,
@@ -369,7 +368,12 @@ class _Checker:
     def _check_server(self, server: Any) -> None:
         line = self.where.key("server", ())
         if not isinstance(server, str):
-            self.add(line, ERROR, "server.type", f"'server' must be a string, not {_kind(server)}")
+            self.add(
+                line,
+                ERROR,
+                "server.type",
+                f"'server' must be a string, not {_toml_type_name(server)}",
+            )
         elif server:
             self._check_url(server, "server", "'server'", line)
 
@@ -377,7 +381,10 @@ class _Checker:
         if not isinstance(hosts, dict):
             line = self.where.key("host", ())
             self.add(
-                line, ERROR, "host.type", f"'host' must be a table of tables, not {_kind(hosts)}"
+                line,
+                ERROR,
+                "host.type",
+                f"'host' must be a table of tables, not {_toml_type_name(hosts)}",
             )
             return
         headed = {p[1] for p in self.where.tables if len(p) >= 2 and p[0] == "host"}
@@ -385,7 +392,12 @@ class _Checker:
             where = f"[host.{_show_key(url)}]"
             line = self.where.table(("host", url))
             if not isinstance(table, dict):
-                self.add(line, ERROR, "host.type", f"{where} must be a table, not {_kind(table)}")
+                self.add(
+                    line,
+                    ERROR,
+                    "host.type",
+                    f"{where} must be a table, not {_toml_type_name(table)}",
+                )
                 continue
             if self._toml_v1 or self.version is None or url in headed:
                 self._check_url(url, "host", where, line)
@@ -475,7 +487,7 @@ class _Checker:
 
     def _check_capabilities(self, value: Any, where: str, line: int | None) -> None:
         if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-            got = "a string" if isinstance(value, str) else _kind(value)
+            got = "a string" if isinstance(value, str) else _toml_type_name(value)
             self.add(
                 line, ERROR, "capabilities.type", f"{where} must be a list of strings, not {got}"
             )
@@ -557,11 +569,15 @@ class _Checker:
 
     def _check_bool(self, value: Any, code: str, where: str, line: int | None) -> None:
         if not isinstance(value, bool):
-            self.add(line, ERROR, code, f"{where} must be true or false, not {_kind(value)}")
+            self.add(
+                line, ERROR, code, f"{where} must be true or false, not {_toml_type_name(value)}"
+            )
 
     def _check_header(self, value: Any, where: str, line: int | None) -> None:
         if not isinstance(value, dict):
-            self.add(line, ERROR, "header.type", f"{where} must be a table, not {_kind(value)}")
+            self.add(
+                line, ERROR, "header.type", f"{where} must be a table, not {_toml_type_name(value)}"
+            )
             return
         for name, v in value.items():
             if _string_list(v) is None:
@@ -724,7 +740,7 @@ def _string_list(value: Any) -> list[str] | None:
     return None
 
 
-def _kind(value: Any) -> str:
+def _toml_type_name(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
     names.update({list: "a list", dict: "a table"})
     return names.get(type(value), "a date or time")
@@ -738,13 +754,3 @@ def _show_key(key: str) -> str:
 
 def _ver(v: Version) -> str:
     return ".".join(str(n) for n in v)
-
-
-def _offset_of_line(text: str, line: int) -> int:
-    pos = 0
-    for _ in range(line - 1):
-        nxt = text.find("\n", pos)
-        if nxt < 0:
-            return len(text)
-        pos = nxt + 1
-    return pos

@@ -30,9 +30,10 @@ from spegel_node.doctor.probes import HttpResult, RunResult, http_request, run_p
 from spegel_node.errors import SpegelNodeError
 from spegel_node.flavors import COMMON_CONTAINERD, COMMON_CRICTL, FALLBACK_HOSTS_DIR
 from spegel_node.flavors import flavor as flavor_record
+from spegel_node.hostsdir_rules import DEFAULT_DIR, lookup_order, managed_dirs
 from spegel_node.layout import ContainerdProcess, Layout, detect, running_containerd
 from spegel_node.node import Node
-from spegel_node.registry import DEFAULT_DIR, Registry, registry_for_host
+from spegel_node.registry import Registry, registry_for_host
 from spegel_node.settings import Settings, resolve_node_ip
 from spegel_node.validate import Version, parse_containerd_version
 
@@ -403,28 +404,23 @@ class Facts:
     def hosts_targets(self) -> list[HostsTarget]:
         """The registries that should go through Spegel. With `registries = []`: `_default`,
         plus every registry dir already in the hosts dir (it would bypass `_default`)."""
-        registries = self.settings.registries
-        if registries:
-            return [HostsTarget(r.host, r, (*r.dir_names, DEFAULT_DIR)) for r in registries]
-        targets = [HostsTarget(DEFAULT_DIR, None, (DEFAULT_DIR,))]
-        seen: set[str] = set()
-        for name in self.hosts_dir_names():
-            if name.startswith(("_", ".")):
-                continue
-            registry = registry_for_host(name)
-            if registry.host not in seen:
-                seen.add(registry.host)
-                targets.append(
-                    HostsTarget(registry.host, registry, (*registry.dir_names, DEFAULT_DIR))
-                )
-        return targets
+        by_host = {r.host: r for r in self.settings.registries}
+        targets: dict[str, HostsTarget] = {}
+        for d in managed_dirs(list(by_host), self.hosts_dir_entries()):
+            if d.host is None:
+                targets[DEFAULT_DIR] = HostsTarget(DEFAULT_DIR, None, lookup_order(None))
+            elif d.host not in targets:  # `host_port_` and `host:port` are one registry
+                registry = by_host.get(d.host) or registry_for_host(d.host)
+                targets[d.host] = HostsTarget(d.host, registry, lookup_order(d.host))
+        return list(targets.values())
 
-    def hosts_dir_names(self) -> list[str]:
-        """Entries of spegel-node's hosts dir, sorted ([] when it does not exist)."""
+    def hosts_dir_entries(self) -> dict[str, bool]:
+        """Entries of spegel-node's hosts dir: name -> a dir or a symlink ({} when it is absent)."""
         try:
-            return sorted(os.listdir(self.node.path(self.hosts_dir)))
+            with os.scandir(self.node.path(self.hosts_dir)) as it:
+                return {e.name: e.is_dir(follow_symlinks=False) or e.is_symlink() for e in it}
         except OSError:
-            return []
+            return {}
 
     # ------------------------------------------------------------ files
 

@@ -9,6 +9,7 @@ from spegel_node.containerd_config import config_snippet
 from spegel_node.flavors import DEFAULT_RESTART
 from spegel_node.flavors import flavor as flavor_record
 from spegel_node.instructions import bottlerocket_settings, distro_owned_message
+from spegel_node.output import indent
 
 if TYPE_CHECKING:
     from spegel_node.doctor.facts import Facts
@@ -46,10 +47,6 @@ def _with_root(command: str, facts: Facts) -> str:
     return command
 
 
-def indent(text: str, by: str = "  ") -> str:
-    return "\n".join(by + line if line else line for line in text.rstrip("\n").split("\n"))
-
-
 def _snippet_version(facts: Facts, *, needs_v3: bool) -> int:
     config = facts.config
     if config is not None and not needs_v3:
@@ -67,41 +64,41 @@ def cri_fix(
     use_local_image_pull: bool | None = None,
 ) -> str:
     """Where and how to set these CRI values on this node, then how to make containerd see them."""
-    flavor = facts.flavor or "containerd"
-    if flavor == "bottlerocket":
+    record = flavor_record(facts.flavor)
+    via = record.cri_config_via
+    if via == "api-settings":
         return (
-            "Bottlerocket renders containerd's config from its API settings (no hosts dir); set "
-            "the mirrors there instead:\n"
+            f"{record.display} renders containerd's config from its API settings (no hosts dir); "
+            "set the mirrors there instead:\n"
             + indent(bottlerocket_settings(facts.settings.registries, facts.mirror_urls))
         )
     needs_v3 = use_local_image_pull is not None
-    version = 3 if flavor == "talos" else _snippet_version(facts, needs_v3=needs_v3)
+    version = 3 if via == "machine-config" else _snippet_version(facts, needs_v3=needs_v3)
     snippet = config_snippet(
         version,
         config_path=config_path,
         discard_unpacked_layers=discard_unpacked_layers,
         use_local_image_pull=use_local_image_pull,
     )
-    if flavor == "talos":
+    if via == "machine-config":
         return _talos(snippet)
-    if flavor == "kind":
+    if via == "kind-patch":
         return (
             "kind writes the node's containerd config from the cluster config; add to kind.yaml:\n"
             "containerdConfigPatches:\n- |-\n"
             + indent(snippet)
-            + f"\nthen recreate the cluster: {restart_command(flavor)}"
+            + f"\nthen recreate the cluster: {record.restart}"
         )
-    if flavor == "eks":
+    if via == "nodeadm":
         return (
-            "nodeadm renders /etc/containerd/config.toml; add to the NodeConfig (user data):\n"
+            f"nodeadm renders {record.config}; add to the NodeConfig (user data):\n"
             "spec:\n  containerd:\n    config: |\n"
             + indent(snippet, "      ")
-            + "\nthen replace the node (or edit /etc/containerd/config.toml and "
-            f"`{DEFAULT_RESTART}`)"
+            + f"\nthen replace the node (or edit {record.config} and `{DEFAULT_RESTART}`)"
         )
-    where = _where(facts, flavor, version)
+    where = _where(facts, version)
     note = ""
-    if flavor_record(flavor).configurable and use_local_image_pull is None:
+    if record.configurable and use_local_image_pull is None:
         note = f"\n(or let spegel-node make this change: `{configure_command(facts)}`)"
     config = facts.config
     if needs_v3 and config is not None and config.version < 3:
@@ -109,24 +106,25 @@ def cri_fix(
             f"\n({config.path} is a version {config.version} file: migrate it first with "
             "`containerd config migrate`; use_local_image_pull exists only in version 3)"
         )
-    return f"{where}\n{indent(snippet)}{note}\nthen: {restart_command(flavor)}"
+    return f"{where}\n{indent(snippet)}{note}\nthen: {record.restart}"
 
 
-def _where(facts: Facts, flavor: str, version: int) -> str:
+def _where(facts: Facts, version: int) -> str:
+    record = flavor_record(facts.flavor)
     layout = facts.layout
-    main = (layout.containerd_config if layout else None) or "/etc/containerd/config.toml"
-    if flavor in ("k3s", "rke2"):
-        return _rancher_where(facts, flavor, main, version)
-    if flavor == "k0s":
+    main = (layout.containerd_config if layout else None) or record.config
+    if record.cri_config_via == "rancher-template":
+        return _rancher_where(facts, record.name, main, version)
+    if record.dropin is not None:
         return (
-            "k0s generates containerd's CRI config; create the drop-in "
-            f"/etc/k0s/containerd.d/spegel-node.toml with `version = {version}` and:"
+            f"{record.display} generates containerd's CRI config; create the drop-in "
+            f"{record.dropin.path} with `version = {version}` and:"
         )
-    if flavor == "microk8s":
+    if record.cri_config_via == "microk8s-template":
+        template = posixpath.join(posixpath.dirname(record.config), "containerd-template.toml")
         return (
-            "MicroK8s regenerates containerd.toml from "
-            "/var/snap/microk8s/current/args/containerd-template.toml; add there "
-            "(keys into an existing table of the same name):"
+            f"{record.display} regenerates {posixpath.basename(record.config)} from {template}; "
+            "add there (keys into an existing table of the same name):"
         )
     if facts.config is None:
         return f"create {main} with `version = {version}` and:"

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from spegel_node.doctor.model import AREAS, CheckResult, Status
 from spegel_node.doctor.runner import Run
-from spegel_node.output import STATUS_STYLES, STATUS_SYMBOLS, print_json, wants_rich
+from spegel_node.output import STATUS_STYLES, STATUS_SYMBOLS, indent, print_json, wants_rich
 
 
 def summary_line(run: Run) -> str:
@@ -92,13 +92,9 @@ def _rich(run: Run, title: str, out: TextIO) -> None:
             continue
         style = STATUS_STYLES[r.status.value]
         console.print(Text(f"\n{STATUS_SYMBOLS[r.status.value]} {r.id}", style=f"bold {style}"))
-        console.print(Text(indent(r.remediation)), soft_wrap=True)
+        console.print(Text(indent(r.remediation, "    ")), soft_wrap=True)
     style = "red" if not run.ok else ("yellow" if run.count(Status.WARN) else "green")
     console.print(Text("\n" + summary_line(run), style=style))
-
-
-def indent(text: str) -> str:
-    return "\n".join("    " + line for line in text.splitlines())
 
 
 def _cells(r: CheckResult, text: Any) -> tuple[Any, Any, Any]:

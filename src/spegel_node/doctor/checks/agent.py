@@ -14,9 +14,9 @@ from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.remedy import ENABLE_TIMER, INSTALL_UNITS, TIMER_UNITS, apply_command
 from spegel_node.flavors import flavor as flavor_record
+from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import HostsTomlError, host_urls, mirror_key
 from spegel_node.node import STATE_DIR
-from spegel_node.registry import DEFAULT_DIR
 from spegel_node.state import digest
 
 UNIT_DIRS = (

@@ -12,8 +12,8 @@ from spegel_node.doctor.checks.agent import unit_state
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.remedy import ENABLE_TIMER, restart_command, restart_only
+from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import mirror_key
-from spegel_node.registry import DEFAULT_DIR
 
 _EMBEDDED = re.compile(
     r"""^\s*["']?embedded-registry["']?\s*:\s*["']?(true|yes|on)["']?\s*(#.*)?$""",

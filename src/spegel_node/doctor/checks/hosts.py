@@ -13,8 +13,9 @@ from spegel_node.doctor.checks import no_layout
 from spegel_node.doctor.facts import Facts, HostsTarget
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.doctor.remedy import apply_command, mirrors_fix
+from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import mirror_key, redact_url
-from spegel_node.registry import DEFAULT_DIR, registry_for_host
+from spegel_node.registry import registry_for_host
 from spegel_node.validate import (
     DIAL_TIMEOUT_SINCE,
     ERROR,
@@ -52,10 +53,6 @@ OLD_CONTAINERD_FIX = (
     "(agent.timer) and upgrade containerd to 2.0.7+ to have dial_timeout honoured"
 )
 VALIDATE_FIX = "`spegel-node validate {path}` explains each warning"
-
-
-def _norm(url: str) -> str:
-    return mirror_key(url)  # k3s's `http://IP:PORT/v2` is the mirror too
 
 
 @dataclass(frozen=True)
@@ -130,8 +127,8 @@ class HostsRegistry(Check):
         hosts = doc.get("host") if isinstance(doc.get("host"), dict) else {}
         assert isinstance(hosts, dict)
         urls = list(hosts)
-        wanted = {_norm(u) for u in facts.mirror_urls}
-        position = next((i for i, u in enumerate(urls) if _norm(u) in wanted), None)
+        wanted = {mirror_key(u) for u in facts.mirror_urls}
+        position = next((i for i, u in enumerate(urls) if mirror_key(u) in wanted), None)
         fix = mirrors_fix(facts)
         if position is None:
             if facts.gate_withdrawn:
