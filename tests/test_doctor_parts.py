@@ -23,7 +23,7 @@ from spegel_node.doctor.imageref import ImageRef, parse_image_ref
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.doctor.probes import http_request
 from spegel_node.doctor.promtext import parse_samples, render_textfile
-from spegel_node.doctor.runner import run_checks
+from spegel_node.doctor.runner import build_and_run, run_checks
 from spegel_node.errors import BadInput
 from spegel_node.node import Node
 from spegel_node.settings import settings_from_mapping
@@ -198,6 +198,37 @@ def test_checks_run_concurrently_and_print_in_fixed_order(facts: Facts) -> None:
     assert time.monotonic() - started < 0.6
     assert [r.id for r in run.results] == [f"c{i}" for i in range(6)]
     assert run.ok
+
+
+def test_building_the_checks_runs_inside_the_crash_guard(facts: Facts) -> None:
+    def crash(f: Facts) -> list[Check]:
+        raise RuntimeError("detect broke: https://user:pw@example.com")
+
+    run = build_and_run(crash, facts, 2, first=("layout.detected", "layout"))
+    (only,) = run.results
+    assert only.id == "layout.detected" and only.status is Status.FAIL
+    assert only.summary.startswith("check crashed: RuntimeError: detect broke")
+    assert "pw@" not in only.summary and not run.ok
+
+
+def test_building_the_checks_runs_inside_the_deadline(facts: Facts) -> None:
+    release = threading.Event()
+
+    def hang(f: Facts) -> list[Check]:
+        release.wait()
+        return []
+
+    try:
+        run = build_and_run(hang, facts, 0.2, first=("layout.detected", "layout"))
+    finally:
+        release.set()
+    (only,) = run.results
+    assert only.status is Status.FAIL and "did not finish within 0.2s" in only.summary
+
+
+def test_the_built_checks_share_the_remaining_deadline(facts: Facts) -> None:
+    run = build_and_run(lambda f: [_Fixed("a"), _Fixed("b")], facts, 2, first=("x", "layout"))
+    assert [r.id for r in run.results] == ["a", "b"] and run.ok
 
 
 def test_an_unfinished_check_fails_at_the_deadline(facts: Facts) -> None:

@@ -193,7 +193,9 @@ def test_a_bad_record_is_exit_1_one_line_nothing_deleted(
     assert {p: p.read_bytes() for p in hosts(node).rglob("hosts.toml")} == before
 
 
-@pytest.mark.parametrize("raw", ["[]", '{"files": {"a/hosts.toml": 1}}', "\xff", "1e999999"])
+@pytest.mark.parametrize(
+    "raw", ["[]", '{"files": {"a/hosts.toml": 1}}', "\xff", "1e999999", "[" * 100_000]
+)
 def test_odd_json_in_the_record_is_one_line(
     capsys: pytest.CaptureFixture[str], node: Path, raw: str
 ) -> None:

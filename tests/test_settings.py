@@ -107,3 +107,19 @@ def test_non_utf8_and_missing_explicit_config(tmp_path: Path) -> None:
 def test_duplicate_registries_collapse() -> None:
     settings = settings_from_mapping({"registries": ["https://ghcr.io", "https://GHCR.io/"]})
     assert len(settings.registries) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("x = " + "[" * 5_000 + "]" * 5_000, "nested too deeply"),
+        ("a" + ".a" * 20_000 + " = 1", "too complex to parse safely"),
+    ],
+)
+def test_hostile_config_is_refused_by_the_guarded_loader(
+    tmp_path: Path, text: str, why: str
+) -> None:
+    write_config(tmp_path, text + "\n")
+    with pytest.raises(BadInput, match=why) as exc:
+        load_settings(Node(tmp_path))
+    assert "\n" not in str(exc.value)

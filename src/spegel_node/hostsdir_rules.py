@@ -8,12 +8,15 @@ here; nothing here touches the node.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 DEFAULT_DIR = "_default"
 HOSTS_TOML = "hosts.toml"
 MAX_HOSTS_TOML = 4 << 20  # larger files are left alone, never read in part and written back
+# containerd's own default config_path on Linux, since 2.2 (before it: none)
+DEFAULT_CONFIG_PATH_SINCE = (2, 2, 0)
+DEFAULT_CONFIG_PATH = ("/etc/containerd/certs.d", "/etc/docker/certs.d")
 
 _PORT_DIR = re.compile(r"(.+)_(\d+)_")  # `host_port_`: how containerd spells `host:port` first
 # a registry dir's name: host[:port], [IPv6][:port] or host_port_ (what containerd looks up)
@@ -56,6 +59,18 @@ def dir_to_write(host: str, existing: Iterable[str]) -> str:
     present = set(existing)
     names = dir_names(host)
     return next((n for n in names if n in present), names[-1])
+
+
+def first_existing(
+    roots: Sequence[str], names: Sequence[str], exists: Callable[[str, str], bool]
+) -> tuple[str, str] | None:
+    """The (root, dir name) containerd reads: the first existing of `names`, root after root
+    (an existing entry wins even when it is empty or broken)."""
+    for root in roots:
+        for name in names:
+            if exists(root, name):
+                return root, name
+    return None
 
 
 @dataclass(frozen=True)

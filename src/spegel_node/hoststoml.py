@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,8 +167,8 @@ def _hosts(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _parses(text: str) -> bool:
     try:
-        tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, RecursionError):
+        tomlload.loads(text)
+    except tomlload.LoadError:
         return False
     return True
 
@@ -179,8 +178,8 @@ def table_header_path(line: str) -> tuple[str, ...] | None:
     if not line.lstrip(" \t").startswith("["):
         return None
     try:
-        node: Any = tomllib.loads(line)
-    except (tomllib.TOMLDecodeError, RecursionError):
+        node: Any = tomlload.loads(line)
+    except tomlload.LoadError:
         return None
     path: list[str] = []
     while isinstance(node, dict) and len(node) == 1:
@@ -302,9 +301,9 @@ def _quote(value: str) -> str:
 def _verify(result: str, before: dict[str, Any], hosts: dict[str, Any], what: str) -> None:
     """Check that `result` holds exactly `before` with its host entries replaced by `hosts`."""
     try:
-        after = tomllib.loads(result)
+        after = tomlload.loads(result)
         after_hosts = _hosts(after)
-    except (tomllib.TOMLDecodeError, RecursionError, HostsTomlError):
+    except (tomlload.LoadError, HostsTomlError):
         after, after_hosts = {}, {}
     expected = {**before, "host": hosts}
     same = list(after_hosts) == list(hosts) and _comparable(after) == _comparable(expected)

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable
 from typing import Any
 
+from spegel_node import tomlload
 from spegel_node.hoststoml import redact_text
-from spegel_node.tomlload import too_complex
 
 REDACTED = "<redacted>"
 _SECTION = re.compile(r"^\s*\[")
@@ -43,10 +42,8 @@ def redact_hosts_toml(text: str) -> str:
     """The text with every header value replaced by <redacted>, parseable or not; URL user info
     (`user:password@`) is redacted too."""
     try:
-        if too_complex(text):
-            raise ValueError("too complex to parse")
-        values = list(_header_values(tomllib.loads(text)))
-    except (tomllib.TOMLDecodeError, RecursionError, ValueError):
+        values = list(_header_values(tomlload.loads(text)))
+    except tomlload.LoadError:
         return redact_text(_redact_lines(text))
     if not values:
         return redact_text(text)
@@ -69,7 +66,7 @@ def _redact_structured(text: str) -> str | None:
         doc = tomlkit.parse(text)
         _replace_in(doc, False)
         out = tomlkit.dumps(doc)
-        left = [v for v in _header_values(tomllib.loads(out)) if v != REDACTED]
+        left = [v for v in _header_values(tomlload.loads(out)) if v != REDACTED]
     except Exception:  # tomlkit cannot handle every file tomllib reads: fall back to lines
         return None
     return None if left else str(out)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from spegel_node import tomlload
 from spegel_node.errors import BadInput
 from spegel_node.node import DEFAULT_SETTINGS_PATH, Node
 from spegel_node.registry import Registry, parse_mirror_url, parse_registry
@@ -211,13 +211,9 @@ def load_settings(
         except OSError as e:
             raise BadInput(f"cannot read config file {source}: {e.strerror}") from e
         try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise BadInput(f"config file {source} is not UTF-8 text") from e
-        except tomllib.TOMLDecodeError as e:
-            raise BadInput(f"config file {source} is not valid TOML: {e}") from e
-        except RecursionError as e:
-            raise BadInput(f"config file {source} is not valid TOML: nested too deeply") from e
+            data = tomlload.loads(raw)
+        except tomlload.LoadError as e:
+            raise BadInput(f"config file {source} is {e}") from e
     settings = settings_from_mapping(data, source)
     flags = overrides or {}
 

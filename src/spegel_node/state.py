@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from spegel_node import fsutil
+from spegel_node import fsutil, tomlload
 from spegel_node.errors import Refused
 from spegel_node.node import STATE_DIR, Node
 
@@ -229,8 +229,8 @@ def load_record(node: Node) -> Record:
     except OSError as e:
         raise fsutil.refuse_os_error(e, f"read {node.display(path)}") from e
     try:
-        return Record.from_json(json.loads(raw))
-    except (ValueError, TypeError, RecursionError) as e:  # RecordError, JSON, UTF-8
+        return Record.from_json(tomlload.loads_json(raw))
+    except (tomlload.LoadError, ValueError, TypeError) as e:  # RecordError is a ValueError
         why = str(e) if isinstance(e, RecordError) else "not valid JSON"
         raise Refused(
             f"state file {node.display(path)} is corrupt ({why}); nothing was changed; fix it, or "

@@ -1,4 +1,5 @@
-"""The one guarded way to parse TOML from the node (containerd's config, hosts.toml).
+"""The one guarded way to parse TOML and JSON from the node (containerd's config, hosts.toml,
+spegel-node's config and state record, containerd's JSON answers).
 
 tomllib has two failure modes that are not `TOMLDecodeError`: deep nesting raises
 `RecursionError`, and a dotted key of many parts takes time that grows with the square of its
@@ -8,6 +9,7 @@ each gets the same guards and one error type with a one-line reason.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from typing import Any
 
@@ -17,8 +19,11 @@ MAX_BYTES = 4 << 20  # far above any real containerd config or hosts.toml
 MAX_DOT_WORK = 20_000_000  # sum over lines of (dots on the line) ** 2; about half a second
 
 
-class TomlLoadError(SpegelNodeError):
-    """Text that is not TOML this agent will parse; the message is one line."""
+class LoadError(SpegelNodeError):
+    """Text that is not TOML (or JSON) this agent will parse; the message is one line."""
+
+
+TomlLoadError = LoadError
 
 
 def too_complex(text: str) -> bool:
@@ -44,3 +49,17 @@ def loads(data: str | bytes) -> dict[str, Any]:
         raise TomlLoadError(f"not valid TOML: {' '.join(str(e).split())}") from e
     except RecursionError as e:
         raise TomlLoadError("not valid TOML: nested too deeply") from e
+
+
+def loads_json(data: str | bytes) -> Any:
+    """Parse JSON text; raises LoadError, nothing else (deep nesting included)."""
+    if len(data) > MAX_BYTES:
+        raise LoadError(f"larger than {MAX_BYTES >> 20} MiB")
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as e:
+        raise LoadError("not UTF-8 text") from e
+    except ValueError as e:
+        raise LoadError(f"not valid JSON: {' '.join(str(e).split())}") from e
+    except RecursionError as e:
+        raise LoadError("not valid JSON: nested too deeply") from e

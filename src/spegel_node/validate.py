@@ -303,7 +303,7 @@ class _Checker:
         if self._toml_v1:
             data = self._v1_lenient(data)
         self.where = _Locator(data)
-        try:
+        try:  # tomllib itself, not tomlload: the finding needs the parser's own line and text
             return tomllib.loads(data)
         except tomllib.TOMLDecodeError as e:
             m = _SYNTAX_AT.search(str(e))

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TextIO
 
 from spegel_node.doctor.build import build_checks
+from spegel_node.doctor.checks.layout import LayoutDetected
 from spegel_node.doctor.facts import Facts, Timeouts
 from spegel_node.doctor.imageref import parse_image_ref
 from spegel_node.doctor.promtext import render_textfile, write_atomic
 from spegel_node.doctor.render import print_report
-from spegel_node.doctor.runner import Run, run_checks
+from spegel_node.doctor.runner import Run, build_and_run, run_checks
 from spegel_node.errors import BadInput
 from spegel_node.node import Node
 from spegel_node.settings import load_settings
@@ -26,13 +27,10 @@ __all__ = ["Facts", "Run", "Timeouts", "build_checks", "diagnose", "run_checks",
 
 
 def diagnose(facts: Facts) -> Run:
-    """Build and run the checks; the duration covers both."""
-    started = time.monotonic()
-    checks = build_checks(facts)
-    run = run_checks(
-        checks, facts, max(0.1, facts.timeouts.deadline_s - (time.monotonic() - started))
-    )
-    return Run(run.results, round(time.monotonic() - started, 3))
+    """Build and run the checks under one deadline and crash guard; the duration covers both."""
+    layout = LayoutDetected()
+    first = (layout.id, layout.area)
+    return build_and_run(build_checks, facts, facts.timeouts.deadline_s, first=first)
 
 
 def run_doctor(

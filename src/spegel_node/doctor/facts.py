@@ -8,7 +8,6 @@ creates, locks or writes anything on the node. Programs (`containerd --version`,
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import stat
@@ -25,22 +24,30 @@ from spegel_node.containerd_config import (
     read_containerd_config,
 )
 from spegel_node.doctor import cri
+from spegel_node.doctor.cri_settings import (
+    ContainerdVersion,
+    HostsRoots,
+    LiveConfig,
+    Setting,
+    effective_setting,
+    hosts_roots,
+    parse_crictl_info,
+    parse_live_config,
+    version_of,
+)
 from spegel_node.doctor.imageref import ImageRef
 from spegel_node.doctor.probes import HttpResult, RunResult, http_request, run_program
 from spegel_node.errors import SpegelNodeError
 from spegel_node.flavors import COMMON_CONTAINERD, COMMON_CRICTL, FALLBACK_HOSTS_DIR
 from spegel_node.flavors import flavor as flavor_record
-from spegel_node.hostsdir_rules import DEFAULT_DIR, lookup_order, managed_dirs
+from spegel_node.hostsdir_rules import DEFAULT_DIR, first_existing, lookup_order, managed_dirs
 from spegel_node.layout import ContainerdProcess, Layout, detect, running_containerd
 from spegel_node.node import Node
 from spegel_node.registry import Registry, registry_for_host
 from spegel_node.settings import Settings, resolve_node_ip
-from spegel_node.validate import Version, parse_containerd_version
 
 T = TypeVar("T")
 
-DEFAULT_CONFIG_PATH_SINCE: Version = (2, 2, 0)  # containerd's own default config_path (Linux)
-DEFAULT_CONFIG_PATH = ("/etc/containerd/certs.d", "/etc/docker/certs.d")
 MAX_FILE = 1 << 20
 
 
@@ -52,52 +59,6 @@ class Timeouts:
     optional_s: float = 1.0  # /readyz, metrics
     program_s: float = 1.0  # containerd --version, crictl info, systemctl
     deadline_s: float = 4.5  # the whole run
-
-
-@dataclass(frozen=True)
-class ContainerdVersion:
-    version: Version | None
-    text: str  # as reported, e.g. "1.6.20~ds1"; "" when unknown
-    source: str  # "the running containerd", "/usr/bin/containerd --version"; why unknown
-
-    def at_least(self, minimum: Version) -> bool | None:
-        """None when the version is unknown."""
-        return None if self.version is None else self.version >= minimum
-
-
-@dataclass(frozen=True)
-class LiveConfig:
-    """The CRI config the running containerd uses (CRI Status `info.config`)."""
-
-    config_path: str | None  # "" = explicitly unset
-    discard_unpacked_layers: bool | None
-    use_local_image_pull: bool | None
-    source: str
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One CRI setting: the running value wins over the file's."""
-
-    value: Any  # effective value; None = set nowhere we can see
-    source: str  # where `value` comes from
-    file_value: Any = None
-    live_value: Any = None
-    live_known: bool = False
-
-    @property
-    def restart_pending(self) -> bool:
-        """The file says something else than the running containerd uses."""
-        return (
-            self.live_known and self.file_value is not None and self.file_value != self.live_value
-        )
-
-
-@dataclass(frozen=True)
-class HostsRoots:
-    roots: tuple[str, ...]  # node paths, containerd's search order
-    source: str
-    read_by_containerd: bool | None  # False: config_path unset; None: cannot tell
 
 
 @dataclass(frozen=True)
@@ -303,7 +264,7 @@ class Facts:
             return None
         raw = answer.info.get("config")
         if raw:
-            return _parse_live_config(raw, "the running containerd")
+            return parse_live_config(raw, "the running containerd")
         if not self.live or self.layout is None:
             return None
         for binary in self._crictl_candidates():
@@ -313,7 +274,7 @@ class Facts:
                 self.timeouts.program_s,
             )
             if done.returncode == 0:
-                return _parse_crictl(done, binary)
+                return parse_crictl_info(done.stdout, binary)
         return None
 
     def _crictl_candidates(self) -> list[str]:
@@ -329,14 +290,14 @@ class Facts:
     def _version(self) -> ContainerdVersion:
         answer = self.socket
         if answer is not None and answer.state == "ok" and answer.version:
-            return _version_of(answer.version, "the running containerd")
+            return version_of(answer.version, "the running containerd")
         if not self.live:
             return ContainerdVersion(None, "", "containerd does not answer on its socket")
         for binary in self._containerd_candidates():
             done = run_program([binary, "--version"], self.timeouts.program_s)
             words = done.stdout.split()
             if done.returncode == 0 and len(words) >= 3:
-                return _version_of(words[2], f"{binary} --version")
+                return version_of(words[2], f"{binary} --version")
         return ContainerdVersion(None, "", "no containerd binary answered --version")
 
     def _containerd_candidates(self) -> list[str]:
@@ -360,46 +321,24 @@ class Facts:
 
     def setting(self, key: str) -> Setting:
         """`config_path`, `discard_unpacked_layers` or `use_local_image_pull`: live wins."""
-        config = self.config
-        file_value = getattr(config, key) if config is not None else None
-        if file_value == "":
-            file_value = None
-        live = self.live_config
-        where = config.path if config is not None else "no config file"
-        if live is not None:
-            live_value = getattr(live, key)
-            if live_value == "":
-                live_value = None
-            # An empty live config_path means "none" only on 1.x: 2.x's CRI status does not carry
-            # the images plugin's registry settings (2.1.9 reports an empty configPath there).
-            empty_is_none = self.containerd_version.at_least((2, 0, 0)) is not True
-            if live_value is not None or (key == "config_path" and empty_is_none):
-                return Setting(live_value, live.source, file_value, live_value, True)
-        return Setting(file_value, where, file_value, None, False)
+        return effective_setting(key, self.config, self.live_config, self.containerd_version)
 
     @property
     def hosts_roots(self) -> HostsRoots:
         """The hosts dirs containerd searches, in order, and whether it reads them at all."""
-        config_path = self.setting("config_path")
-        if config_path.value:
-            roots = tuple(p for p in str(config_path.value).split(":") if p)
-            return HostsRoots(roots, f"from {config_path.source}", True)
-        if self.containerd_version.at_least(DEFAULT_CONFIG_PATH_SINCE):
-            return HostsRoots(DEFAULT_CONFIG_PATH, "containerd 2.2+ default config_path", True)
-        layout = self.layout
-        if layout is not None and layout.config is None and layout.config_path_set:
-            return HostsRoots(layout.hosts_dirs, f"{layout.flavor} default (not confirmed)", None)
-        return HostsRoots((self.hosts_dir,), "config_path unset", False)
+        return hosts_roots(
+            self.setting("config_path"), self.containerd_version, self.layout, self.hosts_dir
+        )
 
     def lookup(self, target: HostsTarget) -> Found | None:
         """The directory containerd reads for `target`: the first existing of its names, root
         after root (containerd's HostDirFromRoot; an existing entry wins even if empty)."""
-        for root in self.hosts_roots.roots:
-            base = self.node.path(root)
-            for name in target.dir_names:
-                if os.path.lexists(base / name):
-                    return Found(root, name)
-        return None
+        hit = first_existing(
+            self.hosts_roots.roots,
+            target.dir_names,
+            lambda root, name: os.path.lexists(self.node.path(root) / name),
+        )
+        return Found(*hit) if hit else None
 
     def hosts_targets(self) -> list[HostsTarget]:
         """The registries that should go through Spegel. With `registries = []`: `_default`,
@@ -464,60 +403,3 @@ class Facts:
         if not self.live:
             return RunResult(tuple(argv), None, error="not a live root")
         return run_program(argv, self.timeouts.program_s)
-
-
-def _version_of(text: str, source: str) -> ContainerdVersion:
-    try:
-        return ContainerdVersion(parse_containerd_version(text), text.lstrip("v"), source)
-    except SpegelNodeError:
-        return ContainerdVersion(None, text, f"{source} (unparseable version {text!r})")
-
-
-def _find(data: Any, key: str, depth: int = 2) -> Any:
-    """`key` in a dict or in its nested dicts, shallowest first."""
-    if not isinstance(data, dict):
-        return None
-    if key in data:
-        return data[key]
-    if depth == 0:
-        return None
-    for value in data.values():
-        found = _find(value, key, depth - 1)
-        if found is not None:
-            return found
-    return None
-
-
-def _parse_live_config(raw: str, source: str) -> LiveConfig | None:
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(config, dict):
-        return None
-    registry = config.get("registry")
-    config_path = registry.get("configPath") if isinstance(registry, dict) else None
-    containerd = config.get("containerd")
-    discard = containerd.get("discardUnpackedLayers") if isinstance(containerd, dict) else None
-    if discard is None:
-        discard = _find(config, "discardUnpackedLayers")
-    local = _find(config, "useLocalImagePull")
-    return LiveConfig(
-        config_path if isinstance(config_path, str) else None,
-        discard if isinstance(discard, bool) else None,
-        local if isinstance(local, bool) else None,
-        source,
-    )
-
-
-def _parse_crictl(done: RunResult, binary: str) -> LiveConfig | None:
-    try:
-        info = json.loads(done.stdout)
-    except ValueError:
-        return None
-    config = info.get("config") if isinstance(info, dict) else None
-    if isinstance(config, dict):
-        return _parse_live_config(json.dumps(config), f"`{binary} info`")
-    if isinstance(config, str):
-        return _parse_live_config(config, f"`{binary} info`")
-    return None

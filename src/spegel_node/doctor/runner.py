@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.hoststoml import redact_text
 
+HANG_FIX = (
+    "something on the node hangs past every probe's own timeout; run the check's probe by hand "
+    "(see docs/checks.md)"
+)
 BUG_FIX = "this is a bug in spegel-node: please report it with the output of `spegel-node doctor --output json`"
 
 
@@ -37,15 +41,49 @@ def _run_one(check: Check, facts: Facts) -> CheckResult:
     try:
         result = check.run(facts)
     except Exception as e:  # one check's crash is its own result, never the end of the run
-        message = redact_text(" ".join(str(e).split()))[:300]
-        result = CheckResult(
-            check.id,
-            check.area,
-            Status.FAIL,
-            f"check crashed: {type(e).__name__}: {message}",
-            BUG_FIX,
-        )
+        result = _crashed(check.id, check.area, e)
     return replace(result, duration_s=round(time.monotonic() - started, 4))
+
+
+def _crashed(check_id: str, area: str, e: Exception) -> CheckResult:
+    message = redact_text(" ".join(str(e).split()))[:300]
+    return CheckResult(
+        check_id, area, Status.FAIL, f"check crashed: {type(e).__name__}: {message}", BUG_FIX
+    )
+
+
+def build_and_run(
+    build: Callable[[Facts], Sequence[Check]],
+    facts: Facts,
+    deadline_s: float,
+    *,
+    first: tuple[str, str],
+) -> Run:
+    """Build the checks, then run them, all under one deadline and one crash guard: building
+    reads the layout too. A build that crashes or hangs is one `fail` result for `first` (the
+    id and area of the check that reports the layout)."""
+    started = time.monotonic()
+    built: list[Sequence[Check] | Exception] = []
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            built.append(build(facts))
+        except Exception as e:  # the same guard as a check's
+            built.append(e)
+        finished.set()
+
+    threading.Thread(target=work, name="doctor build", daemon=True).start()
+    if not finished.wait(deadline_s):
+        result = CheckResult(
+            *first, Status.FAIL, f"reading the node did not finish within {deadline_s:g}s", HANG_FIX
+        )
+        return Run((result,), round(time.monotonic() - started, 3))
+    outcome = built[0]
+    if isinstance(outcome, Exception):
+        return Run((_crashed(*first, outcome),), round(time.monotonic() - started, 3))
+    run = run_checks(outcome, facts, max(0.1, deadline_s - (time.monotonic() - started)))
+    return Run(run.results, round(time.monotonic() - started, 3))
 
 
 def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
@@ -78,8 +116,7 @@ def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
                 check.area,
                 Status.FAIL,
                 f"did not finish within {deadline_s:g}s",
-                "something on the node hangs past every probe's own timeout; run the check's "
-                "probe by hand (see docs/checks.md)",
+                HANG_FIX,
                 duration_s=round(time.monotonic() - started, 4),
             )
             for r, check in zip(results, checks, strict=True)
