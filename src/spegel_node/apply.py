@@ -22,7 +22,7 @@ from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
 from spegel_node.node import STATE_DIR, Node
-from spegel_node.plan import FileChange, Plan, plan_apply, plan_remove
+from spegel_node.plan import HostsChange, Plan, plan_apply, plan_remove
 from spegel_node.settings import Settings, resolve_node_ip
 from spegel_node.state import GateState, Record
 
@@ -251,7 +251,7 @@ def execute(node: Node, plan: Plan) -> ExecResult:
     return result
 
 
-def _execute_one(hosts_fd: int, change: FileChange, where: str, hosts_dir: str) -> bool:
+def _execute_one(hosts_fd: int, change: HostsChange, where: str, hosts_dir: str) -> bool:
     """One change; False when the file changed since the snapshot. Refused when it failed."""
     made_dir = False
     try:
@@ -260,14 +260,11 @@ def _execute_one(hosts_fd: int, change: FileChange, where: str, hosts_dir: str) 
                 fsutil.mkdir_at(hosts_fd, change.dir_name)
                 made_dir = True
         with fsutil.open_subdir(hosts_fd, change.dir_name) as dir_fd:
-            fsutil.remove_stale_temp_files(dir_fd)
-            if fsutil.read_at(dir_fd, HOSTS_TOML, MAX_HOSTS_TOML) != change.before:
+            done = fsutil.replace_at(
+                dir_fd, HOSTS_TOML, change.before, change.after, limit=MAX_HOSTS_TOML
+            )
+            if not done:
                 return False
-            if change.after is None:
-                fsutil.unlink_at(dir_fd, HOSTS_TOML)
-            else:
-                mode, owner = fsutil.mode_and_owner_at(dir_fd, HOSTS_TOML)
-                fsutil.write_atomic_at(dir_fd, HOSTS_TOML, change.after, mode, owner=owner)
         if change.remove_dir:
             fsutil.rmdir_if_empty_at(hosts_fd, change.dir_name)
         return True

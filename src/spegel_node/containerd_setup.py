@@ -32,10 +32,8 @@ live root also when the running containerd started before its config was last ch
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import posixpath
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ from typing import Any
 import tomlkit
 
 from spegel_node import fsutil, tomlload
+from spegel_node.changes import FileChange
 from spegel_node.containerd_config import (
     V1_CRI,
     V2_CRI,
@@ -60,7 +59,6 @@ from spegel_node.flavors import flavor as flavor_record
 from spegel_node.instructions import TALOS_DISCARD_PART, bottlerocket_settings
 from spegel_node.layout import Layout, parse_containerd_cmdline
 from spegel_node.node import Node
-from spegel_node.redact import redact_hosts_toml
 
 MANAGED_HEADER = "# managed by spegel-node configure-containerd\n"
 NEW_FILE_VERSION = 2  # read by containerd 1.x, migrated on load by 2.x
@@ -93,16 +91,16 @@ class SetupPlan:
     notes: tuple[str, ...] = ()
 
     @property
+    def file(self) -> FileChange:
+        before = None if self.before is None else self.before.encode("utf-8")
+        return FileChange(self.path, before, self.after.encode("utf-8"))
+
+    @property
     def changed(self) -> bool:
         return self.before != self.after
 
     def diff(self) -> str:
-        if not self.changed:
-            return ""
-        before = redact_hosts_toml(self.before or "").splitlines(keepends=True)
-        after = redact_hosts_toml(self.after).splitlines(keepends=True)
-        old = self.path if self.before is not None else "/dev/null"
-        return "".join(difflib.unified_diff(before, after, old, self.path))
+        return self.file.diff()
 
 
 @dataclass(frozen=True)
@@ -451,26 +449,20 @@ def plan_setup(
 # --- apply ---------------------------------------------------------------------------------------
 
 
-def _write(node: Node, path: str, text: str) -> None:
-    host_path = node.path(path)
+def _write(node: Node, change: FileChange) -> None:
+    """The planned edit, unless the file changed since it was read (then: refused, run again)."""
+    host_path = node.path(change.path)
     try:
         host_path.parent.mkdir(mode=fsutil.DIR_MODE, parents=True, exist_ok=True)
-        mode = CONFIG_MODE
-        try:
-            st = os.lstat(host_path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if stat.S_ISLNK(st.st_mode):
-                raise Refused(f"cannot edit {path}: it is a symlink (edit its target instead)")
-            mode = stat.S_IMODE(st.st_mode)
+        if host_path.is_symlink():
+            raise Refused(f"cannot edit {change.path}: it is a symlink (edit its target instead)")
+        mode = None if change.before is not None else CONFIG_MODE
         with fsutil.open_dir(host_path.parent) as dir_fd:
-            fsutil.remove_stale_temp_files(dir_fd)
-            fsutil.write_atomic_at(dir_fd, host_path.name, text.encode("utf-8"), mode)
-            if st is not None:
-                os.chown(host_path.name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+            done = fsutil.replace_at(dir_fd, host_path.name, change.before, change.after, mode=mode)
     except OSError as e:
-        raise fsutil.refuse_os_error(e, f"write {path}") from e
+        raise fsutil.refuse_os_error(e, f"write {change.path}") from e
+    if not done:
+        raise Refused(f"{change.path} changed while configure-containerd ran; run it again")
 
 
 def process_start_time(pid: int) -> float | None:
@@ -533,7 +525,7 @@ def configure_containerd(
     config_file = layout.containerd_config or flavor_record(layout.flavor).config
     notes: list[str] = []
     if plan.changed and not dry_run:
-        _write(node, plan.path, plan.after)
+        _write(node, plan.file)
         dropin = flavor_record(layout.flavor).dropin
         if dropin is None or plan.path != dropin.path:
             check = read_containerd_config(node, config_file)

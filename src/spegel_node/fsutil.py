@@ -124,6 +124,50 @@ def write_atomic_at(
     os.fsync(dir_fd)
 
 
+class _Unchecked:
+    def __repr__(self) -> str:
+        return "UNCHECKED"
+
+
+UNCHECKED = _Unchecked()  # replace_at: write whatever the file holds now
+
+
+def replace_at(
+    dir_fd: int,
+    name: str,
+    before: bytes | _Unchecked | None,
+    after: bytes | None,
+    *,
+    mode: int | None = None,
+    limit: int = 4 << 20,
+    replace_link: bool = False,
+) -> bool:
+    """The one way a planned change is carried out: `name` under `dir_fd` goes from `before` to
+    `after` (None: deleted), atomically, never through a symlink.
+
+    False, and nothing touched, when the file no longer holds `before` (someone wrote it since
+    it was read); UNCHECKED skips that comparison. `mode` None keeps the mode and owner of the
+    file replaced (FILE_MODE for a new file); a given `mode` is forced. `replace_link`: a
+    symlink in the way reads as absent and is replaced by the file, not followed.
+    """
+    remove_stale_temp_files(dir_fd)  # of a run killed mid-write
+    if not isinstance(before, _Unchecked):
+        try:
+            current = read_at(dir_fd, name, limit)
+        except OSError as e:
+            if not (replace_link and e.errno in (errno.ELOOP, errno.EISDIR)):
+                raise
+            current = None
+        if current != before:
+            return False
+    if after is None:
+        unlink_at(dir_fd, name)
+        return True
+    kept_mode, owner = mode_and_owner_at(dir_fd, name)
+    write_atomic_at(dir_fd, name, after, kept_mode if mode is None else mode, owner=owner)
+    return True
+
+
 def mode_and_owner_at(dir_fd: int, name: str) -> tuple[int, tuple[int, int] | None]:
     """The permission bits and owner of the regular file `name` (to keep them when replacing
     it: a person's 0600 file with credentials stays 0600); FILE_MODE and None when absent."""

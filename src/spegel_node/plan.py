@@ -5,14 +5,13 @@ Nothing here reads or writes the node; `hostsdir.scan` takes the snapshot, `appl
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from spegel_node import hoststoml
+from spegel_node.changes import FileChange
 from spegel_node.hostsdir_rules import HOSTS_TOML, MAX_HOSTS_TOML, managed_dirs
 from spegel_node.hoststoml import HostsTomlError, MirrorHost
-from spegel_node.redact import redact_hosts_toml
 from spegel_node.registry import Registry, registry_for_host
 from spegel_node.state import FileRecord, Record, digest
 
@@ -42,7 +41,9 @@ class Target:
 
 
 @dataclass(frozen=True)
-class FileChange:
+class HostsChange:
+    """One registry dir's hosts.toml to change, with what the dir itself needs."""
+
     dir_name: str
     action: str  # "create", "update", "restore", "strip", "delete"
     before: bytes | None
@@ -54,24 +55,20 @@ class FileChange:
     def key(self) -> str:
         return f"{self.dir_name}/{HOSTS_TOML}"
 
+    def file(self, hosts_dir: str) -> FileChange:
+        return FileChange(
+            f"{hosts_dir.rstrip('/')}/{self.key}", self.before, self.after, self.action
+        )
+
     def diff(self, hosts_dir: str) -> str:
         """A unified diff with header values redacted."""
-        path = f"{hosts_dir.rstrip('/')}/{self.key}"
-        before = redact_hosts_toml((self.before or b"").decode("utf-8", "replace"))
-        after = redact_hosts_toml((self.after or b"").decode("utf-8", "replace"))
-        lines = difflib.unified_diff(
-            before.splitlines(keepends=True),
-            after.splitlines(keepends=True),
-            fromfile="/dev/null" if self.before is None else f"a{path}",
-            tofile="/dev/null" if self.after is None else f"b{path}",
-        )
-        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+        return self.file(hosts_dir).diff()
 
 
 @dataclass(frozen=True)
 class Plan:
     hosts_dir: str
-    changes: tuple[FileChange, ...]
+    changes: tuple[HostsChange, ...]
     record: Record | None  # the record to save after the changes; None: delete it
     problems: tuple[str, ...] = ()  # targets skipped, each one line (exit 1)
     notes: tuple[str, ...] = ()
@@ -121,7 +118,7 @@ def _decode(data: bytes) -> str:
 
 def _undo(
     snapshot: HostsSnapshot, key: str, rec: FileRecord, urls: Sequence[str]
-) -> tuple[FileChange | None, str | None]:
+) -> tuple[HostsChange | None, str | None]:
     """Give one file back: its baseline when it still holds what apply last wrote (deleted when
     apply created it), else the file as it now is without the Spegel host tables.
     Returns the change (None: nothing to do) and a problem (the record entry is then kept)."""
@@ -134,14 +131,14 @@ def _undo(
         if entry is not None and rec.created and rec.created_dir:
             # the file is gone (a remove killed before its rmdir): still remove the empty
             # dir apply made, as it would hide _default from containerd
-            return FileChange(dir_name, "delete", None, None, remove_dir=True), None
+            return HostsChange(dir_name, "delete", None, None, remove_dir=True), None
         return None, None
     if rec.holds_last_write(current):
         if rec.created:
-            return FileChange(dir_name, "delete", current, None, remove_dir=rec.created_dir), None
+            return HostsChange(dir_name, "delete", current, None, remove_dir=rec.created_dir), None
         baseline = rec.baseline
         if baseline is not None and baseline != current:
-            return FileChange(dir_name, "restore", current, baseline), None
+            return HostsChange(dir_name, "restore", current, baseline), None
         return None, None
     try:
         text = _decode(current)
@@ -149,7 +146,7 @@ def _undo(
     except HostsTomlError as e:
         return None, f"{snapshot.hosts_dir}/{key}: {e}"
     if stripped != text:
-        return FileChange(dir_name, "strip", current, stripped.encode()), None
+        return HostsChange(dir_name, "strip", current, stripped.encode()), None
     return None, None
 
 
@@ -167,7 +164,7 @@ def plan_apply(
     spegel = tuple(dict.fromkeys((*record.mirror_urls, *urls)))  # every URL that is Spegel's
     retired = [u for u in spegel if u not in urls]
     files = dict(record.files)
-    changes: list[FileChange] = []
+    changes: list[HostsChange] = []
     problems: list[str] = []
     wanted_keys: set[str] = set()
     for target in targets(registries, snapshot):
@@ -185,7 +182,7 @@ def plan_apply(
                 continue
             after = hoststoml.render_managed(target.server, mirrors).encode()
             changes.append(
-                FileChange(target.dir_name, "create", None, after, create_dir=entry is None)
+                HostsChange(target.dir_name, "create", None, after, create_dir=entry is None)
             )
             created_dir = entry is None or (previous is not None and previous.created_dir)
             files[key] = FileRecord.make(True, created_dir, None, after)
@@ -213,7 +210,7 @@ def plan_apply(
             )
         files[key] = FileRecord.make(created, created_dir, baseline, new.encode(), prior)
         if new != text:
-            changes.append(FileChange(target.dir_name, "update", current, new.encode()))
+            changes.append(HostsChange(target.dir_name, "update", current, new.encode()))
     for key, rec in sorted(record.files.items()):
         if key in wanted_keys:
             continue
@@ -234,7 +231,7 @@ def plan_remove(snapshot: HostsSnapshot, record: Record, also_urls: Sequence[str
     """Undo apply: restore baselines of files that still hold what apply wrote, strip the Spegel
     host tables from files changed since, delete files and dirs apply created that nobody changed.
     `also_urls`: the mirror URLs of the current config, Spegel's too."""
-    changes: list[FileChange] = []
+    changes: list[HostsChange] = []
     problems: list[str] = []
     kept: dict[str, FileRecord] = {}  # entries that could not be undone stay on record
     urls = tuple(dict.fromkeys((*record.mirror_urls, *also_urls)))

@@ -243,8 +243,7 @@ def save_record(node: Node, record: Record) -> None:
     fsutil.ensure_private_dir(directory)
     data = (json.dumps(record.to_json(), indent=1, sort_keys=True) + "\n").encode()
     with fsutil.open_dir(directory) as fd:
-        fsutil.remove_stale_temp_files(fd)  # of a run killed while saving
-        fsutil.write_atomic_at(fd, STATE_FILE, data, mode=0o600)
+        fsutil.replace_at(fd, STATE_FILE, fsutil.UNCHECKED, data, mode=0o600)
 
 
 def delete_record(node: Node) -> None:

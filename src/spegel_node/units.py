@@ -13,9 +13,9 @@ do not trigger it again: systemd drops a path unit's watches while the unit it s
 
 from __future__ import annotations
 
-import difflib
 import errno
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spegel_node import fsutil, hostsdir
+from spegel_node.changes import FileChange
 from spegel_node.errors import BadInput, Refused
 from spegel_node.hostsdir_rules import HOSTS_TOML
 from spegel_node.node import STATE_DIR, Node
@@ -146,33 +147,6 @@ class UnitParams:
         return " ".join(argv)
 
 
-@dataclass(frozen=True)
-class UnitFile:
-    name: str
-    before: bytes | None  # None: absent
-    after: bytes
-
-    @property
-    def changed(self) -> bool:
-        return self.before != self.after
-
-    @property
-    def action(self) -> str:
-        if self.before is None:
-            return "create"
-        return "update" if self.changed else "unchanged"
-
-    def diff(self, unit_dir: str) -> str:
-        path = f"{unit_dir.rstrip('/')}/{self.name}"
-        lines = difflib.unified_diff(
-            (self.before or b"").decode("utf-8", "replace").splitlines(keepends=True),
-            self.after.decode().splitlines(keepends=True),
-            fromfile="/dev/null" if self.before is None else f"a{path}",
-            tofile=f"b{path}",
-        )
-        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
-
-
 def is_unit_safe(path: str) -> bool:
     return bool(_SAFE_PATH.match(path)) and "/../" not in f"{path}/" and "//" not in path
 
@@ -274,7 +248,7 @@ def _read_unit(dir_fd: int, name: str) -> bytes | None:
         raise
 
 
-def plan_units(unit_dir: Path, display: str, rendered: dict[str, str]) -> list[UnitFile]:
+def plan_units(unit_dir: Path, display: str, rendered: dict[str, str]) -> list[FileChange]:
     """Each unit file as it is in `unit_dir` (absent when the dir does not exist) and should be."""
     before: dict[str, bytes | None] = dict.fromkeys(rendered)
     try:
@@ -284,20 +258,27 @@ def plan_units(unit_dir: Path, display: str, rendered: dict[str, str]) -> list[U
         pass  # written from scratch (the dir is created)
     except OSError as e:
         raise fsutil.refuse_os_error(e, f"read the units in {display}") from e
-    return [UnitFile(name, before[name], text.encode()) for name, text in rendered.items()]
+    shown = display.rstrip("/")
+    return [
+        FileChange(f"{shown}/{name}", before[name], text.encode())
+        for name, text in rendered.items()
+    ]
 
 
-def write_units(unit_dir: Path, display: str, files: Sequence[UnitFile]) -> None:
-    """Write the changed files atomically (temp + fsync + rename), 0644; others are not touched."""
+def write_units(unit_dir: Path, display: str, files: Sequence[FileChange]) -> None:
+    """Write the changed files atomically (temp + fsync + rename), 0644; others are not touched.
+    A unit someone changed since it was read is left alone and named (run again)."""
     if not any(f.changed for f in files):
         return
     try:
         unit_dir.mkdir(mode=fsutil.DIR_MODE, parents=True, exist_ok=True)
         with fsutil.open_dir(unit_dir) as fd:
-            fsutil.remove_stale_temp_files(fd)
             for f in files:
-                if f.changed:
-                    fsutil.write_atomic_at(fd, f.name, f.after, mode=UNIT_MODE)
+                name = posixpath.basename(f.path)
+                if f.changed and not fsutil.replace_at(
+                    fd, name, f.before, f.after, mode=UNIT_MODE, replace_link=True
+                ):
+                    raise Refused(f"{f.path} changed while install-units ran; run it again")
     except OSError as e:
         raise fsutil.refuse_os_error(e, f"write the units into {display}") from e
 
@@ -320,7 +301,7 @@ def ensure_hosts_dir(node: Node, hosts_dir: str) -> bool:
 @dataclass(frozen=True)
 class Installed:
     unit_dir: str  # as reported: a node path, or the --unit-dir given
-    files: tuple[UnitFile, ...]
+    files: tuple[FileChange, ...]
     params: UnitParams
     dry_run: bool
     created_hosts_dir: bool = False
@@ -328,13 +309,13 @@ class Installed:
 
     @property
     def changed(self) -> list[str]:
-        return [f.name for f in self.files if f.changed]
+        return [posixpath.basename(f.path) for f in self.files if f.changed]
 
     def to_json(self) -> dict[str, object]:
         return {
             "unit_dir": self.unit_dir,
             "changed": self.changed,
-            "units": {f.name: f.after.decode() for f in self.files},
+            "units": {posixpath.basename(f.path): (f.after or b"").decode() for f in self.files},
             "dry_run": self.dry_run,
             "exec": self.params.exec_path,
             "hosts_dir": self.params.hosts_dir,
@@ -410,18 +391,14 @@ def install_report(result: Installed, output: str) -> None:
         print_json(result.to_json())
         return
     verb = "would " if result.dry_run else ""
-    lines = [
-        f"{verb}{f.action} {result.unit_dir.rstrip('/')}/{f.name}"
-        for f in result.files
-        if f.changed
-    ]
+    lines = [f"{verb}{f.action} {f.path}" for f in result.files if f.changed]
     if result.created_hosts_dir:
         lines.append(f"created hosts dir {result.params.hosts_dir}")
     print_lines(lines)
     if result.dry_run:
         for f in result.files:
             if f.changed:
-                sys.stdout.write(f.diff(result.unit_dir))
+                sys.stdout.write(f.diff())
     n = len(result.changed)
     done = "to change" if result.dry_run else "changed"
     print(f"{n} unit file{'s' if n != 1 else ''} {done}" if n else "units up to date")

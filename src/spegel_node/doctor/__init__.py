@@ -16,7 +16,7 @@ from spegel_node.doctor.build import build_checks
 from spegel_node.doctor.checks.layout import LayoutDetected
 from spegel_node.doctor.facts import Facts, Timeouts
 from spegel_node.doctor.imageref import parse_image_ref
-from spegel_node.doctor.promtext import render_textfile, write_atomic
+from spegel_node.doctor.promtext import render_textfile, write_textfile
 from spegel_node.doctor.render import print_report
 from spegel_node.doctor.runner import Run, build_and_run, run_checks
 from spegel_node.errors import BadInput
@@ -52,5 +52,5 @@ def run_doctor(
     run = diagnose(facts)
     print_report(run, facts.flavor, facts.mirror_url, output, stream or sys.stdout)
     if textfile is not None:
-        write_atomic(textfile, render_textfile(run.results, run.duration_s, time.time(), run.ok))
+        write_textfile(textfile, render_textfile(run.results, run.duration_s, time.time(), run.ok))
     return 0 if run.ok else 1

@@ -17,15 +17,13 @@ Alert on `spegel_node_check_status{status="fail"} == 1`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from spegel_node import fsutil
 from spegel_node.doctor.model import CheckResult, Status
 from spegel_node.errors import SpegelNodeError
 
@@ -116,22 +114,11 @@ def render_textfile(
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory (not ending in .prom, so the collector skips it), fsync,
-    rename over `path`; the temp file is removed on any error."""
-    directory = path.parent
+def write_textfile(path: Path, text: str) -> None:
+    """Replace `path` atomically (fsutil: its temp file starts with ".", so the collector, which
+    reads *.prom only, skips it); mode 0644."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        with fsutil.open_dir(path.parent) as dir_fd:
+            fsutil.replace_at(dir_fd, path.name, fsutil.UNCHECKED, text.encode(), mode=0o644)
     except OSError as e:
-        raise SpegelNodeError(f"cannot write textfile {path}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise SpegelNodeError(f"cannot write textfile {path}: {e.strerror}") from e
+        raise SpegelNodeError(f"cannot write textfile {path}: {e.strerror or e}") from e
