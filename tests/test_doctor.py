@@ -36,6 +36,7 @@ from spegel_node.doctor import render
 from spegel_node.doctor.checks import spegel as spegel_checks
 from spegel_node.doctor.runner import Run
 from spegel_node.node import Node
+from spegel_node.record import GateState
 
 HOSTS = "/etc/containerd/certs.d"
 SECRET = "Bearer s3cr3t-t0ken-do-not-print"
@@ -585,7 +586,7 @@ def test_withdrawn_gate_is_said_instead_of_failing(
 ) -> None:
     node = Node(healthy)
     record = state.load_record(node)
-    gate = state.GateState(3, True, False, time.time(), time.time(), "connection refused")
+    gate = GateState(3, True, False, time.time(), time.time(), "connection refused")
     from dataclasses import replace
 
     state.save_record(node, replace(record, gate=gate))

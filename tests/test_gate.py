@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from spegel_node.gate import ProbeResult, next_gate_state, probe_v2
-from spegel_node.state import GateState
+from spegel_node.record import GateState
 
 OK = ProbeResult(True, "HTTP 200")
 DOWN = ProbeResult(False, "connection refused")

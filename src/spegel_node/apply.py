@@ -22,9 +22,10 @@ from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
 from spegel_node.node import STATE_DIR, Node
+from spegel_node.nodeip import resolve_node_ip
 from spegel_node.plan import HostsChange, Plan, plan_apply, plan_remove
-from spegel_node.settings import Settings, resolve_node_ip
-from spegel_node.state import GateState, Record
+from spegel_node.record import GateState, Record
+from spegel_node.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def hosts_dir_of(layout: Layout) -> str:
 
 
 def mirror_hosts(settings: Settings) -> list[MirrorHost]:
-    node_ip = resolve_node_ip(settings)
+    node_ip = resolve_node_ip(settings.node_ip)
     return [
         MirrorHost(url, settings.capabilities, settings.dial_timeout)
         for url in settings.mirror_urls(node_ip)

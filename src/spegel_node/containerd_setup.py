@@ -414,7 +414,9 @@ def plan_setup(
     if not record.configurable:  # no refusal above, nor editable
         raise Refused(f"configure-containerd does not know how to configure {layout.flavor}")
     config_file = layout.containerd_config or record.config
-    config = read_containerd_config(node, config_file) if node.path(config_file).exists() else None
+    config = layout.config if layout.config and layout.config.path == config_file else None
+    if config is None and node.path(config_file).exists():  # detection did not parse it
+        config = read_containerd_config(node, config_file)
     _check_config(config, hosts_dir, override)
     config_path = config.config_path if config and hosts_dir in config.hosts_dirs else hosts_dir
     assert config_path is not None

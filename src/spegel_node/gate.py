@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from spegel_node.state import GateState
+from spegel_node.record import GateState
 
 PROBE_TIMEOUT_S = 1.0
 USER_AGENT = "spegel-node"

@@ -12,8 +12,8 @@ from spegel_node import hoststoml
 from spegel_node.changes import FileChange
 from spegel_node.hostsdir_rules import HOSTS_TOML, MAX_HOSTS_TOML, managed_dirs
 from spegel_node.hoststoml import HostsTomlError, MirrorHost
+from spegel_node.record import FileRecord, Record, digest
 from spegel_node.registry import Registry, registry_for_host
-from spegel_node.state import FileRecord, Record, digest
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spegel_node.errors import BadInput, SpegelNodeError
+from spegel_node.godur import go_duration_seconds
 from spegel_node.layout import Layout
 from spegel_node.node import Node
-from spegel_node.settings import Settings, go_duration_seconds
+from spegel_node.settings import Settings
 
 DEBOUNCE_S = 0.005  # quiet time after the last event before applying
 DEBOUNCE_MAX_S = 0.1  # a steady stream of events still gets an apply this often

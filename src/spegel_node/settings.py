@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from spegel_node import tomlload
 from spegel_node.errors import BadInput
+from spegel_node.godur import GO_DURATION, GO_MAX_NS, duration_ns, go_duration_seconds
 from spegel_node.node import DEFAULT_SETTINGS_PATH, Node
 from spegel_node.registry import Registry, parse_mirror_url, parse_registry
 
@@ -20,25 +20,6 @@ DEFAULT_REGISTRIES = (
     "https://gcr.io",
     "https://registry.k8s.io",
 )
-# Go's time.ParseDuration: one or more <number><unit>, e.g. "200ms", "1m30s".
-_GO_MAX_NS = (1 << 63) - 1  # time.Duration is an int64 of nanoseconds
-_UNIT_NS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-
-
-def duration_ns(value: str) -> float | None:
-    """A Go duration in nanoseconds (sign included); None when it is not one."""
-    sign = -1.0 if value.startswith("-") else 1.0
-    body = value.lstrip("+-")
-    if body == "0":
-        return 0.0
-    parts = _DURATION_PART.findall(body)
-    if not parts or "".join(n + u for n, u in parts) != body:
-        return None
-    return sign * sum(float(n) * _UNIT_NS[u] for n, u in parts)
-
-
-GO_DURATION = re.compile(r"^[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+$|^0$")
 
 
 @dataclass(frozen=True)
@@ -139,8 +120,8 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     extra_mirrors = tuple(parse_mirror_url(m) for m in extra)
 
     dial_timeout = data.get("dial_timeout", "200ms")
-    ns = duration_ns(dial_timeout) if GO_DURATION.match(dial_timeout) else None
-    if ns is None or not 0 < ns <= _GO_MAX_NS:
+    ns = duration_ns(dial_timeout) if isinstance(dial_timeout, str) else None
+    if ns is None or not 0 < ns <= GO_MAX_NS:
         raise BadInput(
             "config key 'dial_timeout' must be a Go duration, positive and up to 2562047h, such as "
             f'"200ms", got {dial_timeout!r}'
@@ -170,26 +151,6 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
         source=source,
         **paths,
     )
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def go_duration_seconds(value: str) -> float:
-    """A Go duration (already matched by GO_DURATION) in seconds: "1m30s" -> 90.0."""
-    sign = -1.0 if value.startswith("-") else 1.0
-    total = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
-    return sign * total
 
 
 def load_settings(
@@ -227,36 +188,3 @@ def load_settings(
         containerd_socket=flag("containerd_socket", settings.containerd_socket),
         containerd_config=flag("containerd_config", settings.containerd_config),
     )
-
-
-def resolve_node_ip(settings: Settings) -> str:
-    """The configured node IP, or with "auto" this machine's primary IPv4 (default route's interface)."""
-    if settings.node_ip != "auto":
-        return settings.node_ip
-    return primary_ipv4()
-
-
-def primary_ipv4() -> str:
-    iface = _default_route_interface()
-    import psutil  # only needed for "auto"
-
-    addrs = psutil.net_if_addrs()
-    candidates = [iface] if iface else []
-    candidates += [name for name in addrs if name != iface]
-    for name in candidates:
-        for addr in addrs.get(name, []):
-            if addr.family.name == "AF_INET" and not addr.address.startswith("127."):
-                return str(addr.address)
-    return "127.0.0.1"
-
-
-def _default_route_interface() -> str | None:
-    try:
-        lines = Path("/proc/net/route").read_text().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 2 and fields[1] == "00000000":
-            return fields[0]
-    return None

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from spegel_node.errors import BadInput
+from spegel_node.godur import GO_DURATION
 from spegel_node.hostsdir_rules import DEFAULT_DIR, shadowed_by
 from spegel_node.hoststoml import redact_text, redact_url, table_header_path
-from spegel_node.settings import GO_DURATION
 from spegel_node.tomlload import too_complex
 
 ERROR = "error"

@@ -43,8 +43,10 @@ from spegel_node.flavors import flavor as flavor_record
 from spegel_node.hostsdir_rules import DEFAULT_DIR, first_existing, lookup_order, managed_dirs
 from spegel_node.layout import ContainerdProcess, Layout, detect, running_containerd
 from spegel_node.node import Node
+from spegel_node.nodeip import resolve_node_ip
+from spegel_node.record import Record
 from spegel_node.registry import Registry, registry_for_host
-from spegel_node.settings import Settings, resolve_node_ip
+from spegel_node.settings import Settings
 
 T = TypeVar("T")
 
@@ -211,7 +213,7 @@ class Facts:
 
     @property
     def node_ip(self) -> str:
-        return self._once("node_ip", lambda: resolve_node_ip(self.settings))
+        return self._once("node_ip", lambda: resolve_node_ip(self.settings.node_ip))
 
     @property
     def mirror_urls(self) -> tuple[str, ...]:
@@ -377,14 +379,14 @@ class Facts:
             return f.read(MAX_FILE + 1)
 
     @property
-    def record(self) -> state.Record | None:
+    def record(self) -> Record | None:
         return self._once("record", self._load_record)[0]
 
     @property
     def record_error(self) -> str:
         return self._once("record", self._load_record)[1]
 
-    def _load_record(self) -> tuple[state.Record | None, str]:
+    def _load_record(self) -> tuple[Record | None, str]:
         """The state record, read only (never the lock, never creating the state dir)."""
         if not (state.state_dir(self.node) / state.STATE_FILE).exists():
             return None, ""

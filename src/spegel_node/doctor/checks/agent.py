@@ -17,7 +17,7 @@ from spegel_node.flavors import flavor as flavor_record
 from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import HostsTomlError, host_urls, mirror_key
 from spegel_node.node import STATE_DIR
-from spegel_node.state import digest
+from spegel_node.record import digest
 
 UNIT_DIRS = (
     "/etc/systemd/system",
