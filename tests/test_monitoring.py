@@ -492,8 +492,10 @@ def test_chart_renders_its_dashboard_configmap_with_the_label(
     values_file = tmp_path / "values.json"
     values_file.write_text(json.dumps(values))
     proc = subprocess.run(
-        [str(peer_bin("helm")), "template", "spegel", str(chart_module / "charts/spegel")]
-        + ["-f", str(values_file), "--namespace", "kube-system"],
+        [
+            *(str(peer_bin("helm")), "template", "spegel", str(chart_module / "charts/spegel")),
+            *("-f", str(values_file), "--namespace", "kube-system"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
