@@ -1,0 +1,96 @@
+"""doctor's remedy texts that point at the cluster side: the namespace in its kubectl hints is
+the shipped manifests' (docs/flux: kube-system), and a dead mirror port with Spegel answering on
+30020 tells a 0.7.x chart's hostPort from the next chart's NodePort."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from support.cli import run_cli
+from support.fake_nodes import make_containerd, write
+from support.sandbox import free_port
+
+from spegel_node.doctor.checks import spegel as spegel_checks
+
+REPO = Path(__file__).resolve().parents[1]
+DOCTOR_SRC = REPO / "src/spegel_node/doctor"
+APP = REPO / "docs/flux/kubernetes/main/apps/kube-system/spegel/app/kustomization.yaml"
+
+
+class _V2(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/v2/" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering_port() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _V2)
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+def spegel_v2(capsys: pytest.CaptureFixture[str], root: Path, host_port: int) -> dict[str, str]:
+    write(root, "/etc/spegel-node/config.toml", f'node_ip = "127.0.0.1"\nhost_port = {host_port}\n')
+    result = run_cli(capsys, "doctor", "--root", str(root), "--output", "json")
+    assert result.code == 1, result.err
+    (check,) = [c for c in json.loads(result.out)["checks"] if c["id"] == "spegel.v2"]
+    assert check["status"] == "fail"
+    found: dict[str, str] = check
+    return found
+
+
+def test_kubectl_hints_use_the_shipped_namespace() -> None:
+    shipped = yaml.safe_load(APP.read_text())["namespace"]
+    assert shipped == "kube-system"
+    assert shipped == spegel_checks.SPEGEL_NAMESPACE
+    used = set()
+    for path in DOCTOR_SRC.rglob("*.py"):
+        used |= set(re.findall(r"kubectl -n ([\w{}-]+)", path.read_text()))
+    assert used == {"{SPEGEL_NAMESPACE}"}, used  # no literal namespace anywhere else
+
+
+def test_dead_port_with_30020_answering_tells_hostport_from_nodeport(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    answering_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_containerd(tmp_path, config_path="/etc/containerd/certs.d")
+    monkeypatch.setattr(spegel_checks, "CHART_HOST_PORT", answering_port)  # "30020" answers
+    dead = free_port()
+    fix = spegel_v2(capsys, tmp_path, dead)["remediation"]
+    assert f"Spegel answers on port {answering_port} instead of {dead}" in fix
+    assert "kubectl -n kube-system get daemonset spegel" in fix
+    hostport, nodeport = fix.split("\n- ")[1:]
+    assert f"a hostPort {answering_port}" in hostport and "0.7.x" in hostport
+    assert f"service.registry.hostPort: {dead}" in hostport
+    assert "no hostPort" in nodeport and f"NodePort {answering_port}" in nodeport
+    assert f"host_port = {answering_port}" in nodeport and "kube-proxy" in nodeport
+
+
+def test_dead_30020_says_what_a_hostport_and_a_nodeport_each_need(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_containerd(tmp_path, config_path="/etc/containerd/certs.d")
+    port = free_port()
+    monkeypatch.setattr(spegel_checks, "CHART_HOST_PORT", port)  # host_port = "30020", dead
+    check = spegel_v2(capsys, tmp_path, port)
+    fix = check["remediation"]
+    assert "connection refused" in check["summary"]
+    assert "kubectl -n kube-system get pods" in fix
+    assert "portmap" in fix and "kube-proxy" in fix and "NodePort" in fix
+    assert "instead of" not in fix  # no other port to point at
