@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from support.cli import run_cli
 from support.fake_nodes import make_containerd, write
+from support.peers import peer_bin
 from support.sandbox import free_port
 
 from spegel_node.doctor.checks import spegel as spegel_checks
@@ -91,6 +93,40 @@ def test_dead_30020_says_what_a_hostport_and_a_nodeport_each_need(
     check = spegel_v2(capsys, tmp_path, port)
     fix = check["remediation"]
     assert "connection refused" in check["summary"]
-    assert "kubectl -n kube-system get pods" in fix
+    assert "kubectl -n kube-system get pods -l app.kubernetes.io/name=spegel" in fix
     assert "portmap" in fix and "kube-proxy" in fix and "NodePort" in fix
     assert "instead of" not in fix  # no other port to point at
+
+
+def test_kubectl_hints_match_the_charts_daemonset(tmp_path: Path) -> None:
+    """POD_HINT's label selector and PORTS_HINT's DaemonSet name and container index are what
+    Spegel's chart (0.7.3, rendered with the shipped HelmRelease values) creates."""
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", "github.com/spegel-org/spegel@v0.7.3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    chart = Path(json.loads(proc.stdout)["Dir"]) / "charts/spegel"
+    helmrelease = APP.parent / "helmrelease.yaml"
+    values = yaml.safe_load(helmrelease.read_text())["spec"]["values"]
+    values["serviceMonitor"]["enabled"] = False  # no CRD for helm template
+    values_file = tmp_path / "values.json"
+    values_file.write_text(json.dumps(values))
+    proc = subprocess.run(
+        [str(peer_bin("helm")), "template", "spegel", str(chart), "-f", str(values_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (ds,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "DaemonSet"]
+    selector = re.search(r"-l (\S+)=(\S+)", spegel_checks.POD_HINT)
+    assert selector
+    assert ds["spec"]["template"]["metadata"]["labels"][selector[1]] == selector[2]
+    assert f"get daemonset {ds['metadata']['name']} " in spegel_checks.PORTS_HINT
+    assert "containers[0].ports" in spegel_checks.PORTS_HINT
+    first = ds["spec"]["template"]["spec"]["containers"][0]
+    assert first["name"] == "registry"
+    assert {p["name"]: p.get("hostPort") for p in first["ports"]}["registry"] == 29999

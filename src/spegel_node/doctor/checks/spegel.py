@@ -28,7 +28,8 @@ MANIFEST_ACCEPT = ", ".join(
 # The namespace of the shipped manifests (docs/flux: kube-system).
 SPEGEL_NAMESPACE = "kube-system"
 POD_HINT = (
-    f"kubectl -n {SPEGEL_NAMESPACE} get pods -o wide --field-selector spec.nodeName=$(hostname)"
+    f"kubectl -n {SPEGEL_NAMESPACE} get pods -l app.kubernetes.io/name=spegel -o wide "
+    "--field-selector spec.nodeName=$(hostname)"
 )
 # Shows whether the running chart still has a hostPort (0.7.x) or only the NodePort (0.8+).
 PORTS_HINT = (
