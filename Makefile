@@ -7,7 +7,7 @@ QUIET_PIP = 2>&1 | { grep -v "^WARNING: Location '" || true; }
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3 python3-venv systemd containerd runc docker-registry skopeo systemd-container debootstrap iproute2 util-linux
+APT_PACKAGES := python3 python3-venv systemd containerd runc docker-registry skopeo systemd-container debootstrap iproute2 util-linux prometheus
 APT_STAMP := $(VENV)/.apt-stamp
 VENV_STAMP := $(VENV)/.venv-stamp
 

@@ -676,7 +676,7 @@ def test_spegel_refused_with_the_30020_hint(
     config(healthy, free_port())
     c = check(doctor_json(capsys, healthy), "spegel.v2")
     assert c["status"] == "fail" and "connection refused" in c["summary"]
-    assert "kubectl -n spegel get pods" in c["remediation"]
+    assert "kubectl -n kube-system get pods" in c["remediation"]
     monkeypatch.setattr(spegel_checks, "CHART_HOST_PORT", spegel.port)  # "30020" answers
     c = check(doctor_json(capsys, healthy), "spegel.v2")
     assert f"set host_port = {spegel.port}" in c["remediation"]

@@ -17,7 +17,16 @@ import pytest
 from support.cli import Result, run_cli, tree_state
 from support.fake_nodes import BUILDERS, make_containerd, make_k3s, write
 
-from spegel_node.units import PATH, RUN_SERVICE, SERVICE, TIMER, UNIT_NAMES
+from spegel_node.units import (
+    DOCTOR_SERVICE,
+    DOCTOR_TIMER,
+    DOCTOR_UNIT_NAMES,
+    PATH,
+    RUN_SERVICE,
+    SERVICE,
+    TIMER,
+    UNIT_NAMES,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXEC = "/opt/spegel-node/bin/spegel-node"
@@ -359,6 +368,122 @@ def test_service_mode_verify_is_clean_and_exposure_at_most_3(rendered_service: P
     ] == []
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", unit],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert float(match[1]) <= 3.0, proc.stdout
+
+
+# --- --textfile: doctor every minute, for node_exporter's textfile collector ----------------------
+
+TEXTFILE = "/var/lib/node_exporter/textfile/spegel_node.prom"
+
+
+def test_textfile_adds_a_doctor_timer_and_a_read_only_service(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    make_k3s(tmp_path)
+    (tmp_path / "var/lib/node_exporter/textfile").mkdir(parents=True)
+    hosts = HOSTS_DIRS["k3s"]
+    data = install_json(capsys, tmp_path, "--textfile", TEXTFILE)
+    assert data["changed"] == [*UNIT_NAMES, *DOCTOR_UNIT_NAMES]
+    assert data["textfile"] == TEXTFILE
+    units = data["units"]
+    assert isinstance(units, dict)
+    for name in DOCTOR_UNIT_NAMES:
+        assert (tmp_path / UNIT_DIR / name).read_text() == units[name]
+    service = units[DOCTOR_SERVICE]
+    assert directives(service, "ExecStart") == [
+        f"{EXEC} doctor --hosts-dir {hosts} --textfile {TEXTFILE}"
+    ]
+    # read-only but the textfile's directory: not the hosts dir, not the state dir
+    assert directives(service, "ReadWritePaths") == ["-/var/lib/node_exporter/textfile"]
+    assert directives(service, "ProtectSystem") == ["strict"]
+    assert directives(service, "StateDirectory") == []
+    assert directives(service, "SuccessExitStatus") == ["1"]  # a failed check is in the textfile
+    timer = units[DOCTOR_TIMER]
+    assert directives(timer, "OnUnitActiveSec") == ["1min"]
+    assert directives(timer, "Unit") == [DOCTOR_SERVICE]
+    assert directives(timer, "WantedBy") == ["timers.target"]
+    assert not [w for w in data["warnings"] if "textfile" in w]  # type: ignore[union-attr]
+
+
+def test_textfile_hint_and_idempotence(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    make_containerd(tmp_path, config_path=CONTAINERD_HOSTS)
+    first = install(capsys, tmp_path, "--exec", EXEC, "--textfile", TEXTFILE)
+    assert first.code == 0, first.err
+    assert f"enable --now {TIMER} {PATH} {DOCTOR_TIMER}" in first.out
+    assert "textfile does not exist on the node" in first.err  # the dir is not created
+    before = tree_state(tmp_path / UNIT_DIR)
+    again = install(capsys, tmp_path, "--exec", EXEC, "--textfile", TEXTFILE)
+    assert "units up to date" in again.out
+    assert tree_state(tmp_path / UNIT_DIR) == before
+    # without --textfile the doctor units are not rendered (nor removed)
+    plain = install_json(capsys, tmp_path)
+    assert sorted(plain["units"]) == sorted(UNIT_NAMES)  # type: ignore[arg-type]
+    assert plain["textfile"] is None
+
+
+def test_textfile_with_config_and_service_mode(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    make_containerd(tmp_path, config_path=CONTAINERD_HOSTS)
+    config = write(tmp_path, "/etc/spegel-node/fleet.toml", 'registries = ["https://quay.io"]\n')
+    data = install_json(
+        capsys, tmp_path, "--mode", "service", "--config", str(config), "--textfile", TEXTFILE
+    )
+    units = data["units"]
+    assert isinstance(units, dict)
+    assert sorted(units) == sorted([RUN_SERVICE, *DOCTOR_UNIT_NAMES])
+    assert directives(units[DOCTOR_SERVICE], "ExecStart") == [
+        f"{EXEC} doctor --hosts-dir {CONTAINERD_HOSTS} --config /etc/spegel-node/fleet.toml "
+        f"--textfile {TEXTFILE}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "textfile",
+    ["spegel_node.prom", "/var/lib/textfile/spegel node.prom", "/var/lib/x/spegel.txt", "/x.prom"],
+)
+def test_bad_textfile_paths_are_bad_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, textfile: str
+) -> None:
+    make_containerd(tmp_path)
+    result = install(capsys, tmp_path, "--exec", EXEC, "--textfile", textfile)
+    assert result.code == 2, result.err
+    assert "--textfile" in result.err
+    assert not (tmp_path / UNIT_DIR).exists()
+
+
+@pytest.fixture
+def rendered_doctor(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Path:
+    make_containerd(tmp_path / "node", config_path=CONTAINERD_HOSTS)
+    real_exec = Path(sys.executable).parent / "spegel-node"
+    out = tmp_path / "units"
+    result = install(
+        capsys,
+        tmp_path / "node",
+        *("--exec", str(real_exec), "--unit-dir", str(out), "--textfile", TEXTFILE),
+    )
+    assert result.code == 0, result.err
+    return out
+
+
+@needs_systemd_analyze
+def test_doctor_units_verify_clean_and_exposure_at_most_3(rendered_doctor: Path) -> None:
+    units = [str(rendered_doctor / n) for n in DOCTOR_UNIT_NAMES]
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [
+        line for line in (proc.stdout + proc.stderr).splitlines() if "spegel-node" in line
+    ] == []
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", units[0]],
         capture_output=True,
         text=True,
         timeout=60,

@@ -500,6 +500,14 @@ def install_units_command(
             "spegel-node.service running `run`.",
         ),
     ] = UnitMode.timer,
+    textfile: Annotated[
+        str | None,
+        typer.Option(
+            "--textfile",
+            help="Also write spegel-node-doctor.timer + .service: `doctor --textfile FILE` "
+            "every minute (FILE a node path, *.prom in node_exporter's textfile directory).",
+        ),
+    ] = None,
 ) -> int:
     """Write the systemd repair timer and path unit.
 
@@ -530,6 +538,7 @@ def install_units_command(
         distro_owned=layout.flavor if layout.distro_owned else None,
         dry_run=dry_run,
         mode=UnitMode(mode).value,
+        textfile=textfile,
     )
     install_report(result, common.output)
     return 0

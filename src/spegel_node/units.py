@@ -36,6 +36,9 @@ TIMER = "spegel-node-repair.timer"
 PATH = "spegel-node-repair.path"
 UNIT_NAMES = (SERVICE, TIMER, PATH)
 RUN_SERVICE = "spegel-node.service"  # --mode service: one long-running `run`
+DOCTOR_SERVICE = "spegel-node-doctor.service"  # --textfile: doctor every minute
+DOCTOR_TIMER = "spegel-node-doctor.timer"
+DOCTOR_UNIT_NAMES = (DOCTOR_SERVICE, DOCTOR_TIMER)
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 UNIT_MODE = 0o644
 # A path systemd takes literally in ExecStart=, ReadWritePaths= and PathChanged=: no whitespace,
@@ -128,6 +131,67 @@ WantedBy=paths.target
 """
 
 
+DOCTOR_SERVICE_TEMPLATE = """\
+[Unit]
+Description=spegel-node doctor: write the node's check results for node_exporter's textfile collector
+After=network-online.target containerd.service
+Wants=network-online.target
+StartLimitIntervalSec=0
+
+[Service]
+Type=oneshot
+ExecStart={exec_start}
+# Exit 1 is "a check failed": the textfile says which; only bad input (2) fails the unit.
+SuccessExitStatus=1
+Environment=PYTHONDONTWRITEBYTECODE=1 NO_COLOR=1
+TimeoutStartSec=1min
+UMask=0022
+# Read-only everywhere (doctor writes nothing on the node) but the textfile's directory.
+ProtectSystem=strict
+ReadWritePaths={read_write_paths}
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectProc=invisible
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+"""
+
+DOCTOR_TIMER_TEMPLATE = """\
+[Unit]
+Description=spegel-node doctor: refresh the textfile metrics every minute
+
+[Timer]
+OnBootSec=1min
+OnUnitActiveSec=1min
+RandomizedDelaySec=10s
+AccuracySec=1s
+Unit=spegel-node-doctor.service
+
+[Install]
+WantedBy=timers.target
+"""
+
+
 @dataclass(frozen=True)
 class UnitParams:
     """What the units depend on: node paths only."""
@@ -137,6 +201,7 @@ class UnitParams:
     watch: tuple[str, ...]  # PathChanged= entries, the hosts dir first
     config: str | None = None  # an explicit --config for apply (node path)
     mode: str = "timer"  # "timer": repair service + timer + path; "service": one `run` service
+    textfile: str | None = None  # node path: also spegel-node-doctor.{service,timer}
 
     @property
     def exec_start(self) -> str:
@@ -144,6 +209,14 @@ class UnitParams:
         argv = [self.exec_path, command, "--hosts-dir", self.hosts_dir]
         if self.config:
             argv += ["--config", self.config]
+        return " ".join(argv)
+
+    @property
+    def doctor_exec_start(self) -> str:
+        argv = [self.exec_path, "doctor", "--hosts-dir", self.hosts_dir]
+        if self.config:
+            argv += ["--config", self.config]
+        argv += ["--textfile", str(self.textfile)]
         return " ".join(argv)
 
 
@@ -183,7 +256,35 @@ def watch_paths(
 
 
 def render(params: UnitParams) -> dict[str, str]:
-    """The three unit files, by name."""
+    """The unit files, by name: the repair units (or the `run` service), then the doctor units
+    when a textfile is asked for."""
+    units = _render_repair(params)
+    if params.textfile:
+        units.update(render_doctor(params))
+    return units
+
+
+def render_doctor(params: UnitParams) -> dict[str, str]:
+    """spegel-node-doctor.service (doctor --textfile, read-only but the textfile's dir) and its
+    timer (every minute)."""
+    textfile = unit_path(str(params.textfile), "--textfile")
+    directory = posixpath.dirname(textfile)
+    if not textfile.endswith(".prom") or directory in ("", "/"):
+        raise BadInput(
+            f"--textfile {textfile!r}: use a *.prom file in node_exporter's textfile directory "
+            "(e.g. /var/lib/node_exporter/textfile/spegel_node.prom)"
+        )
+    service = DOCTOR_SERVICE_TEMPLATE.format(
+        exec_start=params.doctor_exec_start, read_write_paths=f"-{directory}"
+    )
+    bodies = {DOCTOR_SERVICE: service, DOCTOR_TIMER: DOCTOR_TIMER_TEMPLATE}
+    return {
+        name: _HEADER.format(hosts_dir=params.hosts_dir, name=name) + body
+        for name, body in bodies.items()
+    }
+
+
+def _render_repair(params: UnitParams) -> dict[str, str]:
     unit_path(params.exec_path, "--exec")
     unit_path(params.hosts_dir, "hosts dir")
     if params.config:
@@ -322,11 +423,24 @@ class Installed:
             "watch": list(self.params.watch),
             "created_hosts_dir": self.created_hosts_dir,
             "warnings": list(self.warnings),
+            "textfile": self.params.textfile,
         }
+
+    @property
+    def enable_hint(self) -> str:
+        return enable_hint(self.params)
 
 
 # daemon-reload alone makes a running path unit watch a changed list (seen on systemd 252).
 ENABLE_HINT = f"systemctl daemon-reload && systemctl enable --now {TIMER} {PATH}"
+
+
+def enable_hint(params: UnitParams) -> str:
+    """The systemctl line for the units `params` renders (with --textfile, the doctor timer)."""
+    if not params.textfile:
+        return ENABLE_HINT
+    units = [RUN_SERVICE] if params.mode == "service" else [TIMER, PATH]
+    return "systemctl daemon-reload && systemctl enable --now " + " ".join([*units, DOCTOR_TIMER])
 
 
 def install_units(
@@ -340,6 +454,7 @@ def install_units(
     distro_owned: str | None = None,
     dry_run: bool = False,
     mode: str = "timer",
+    textfile: str | None = None,
 ) -> Installed:
     """Render the units for this node and write those that changed (nothing with `dry_run`).
 
@@ -370,8 +485,18 @@ def install_units(
         for p in skipped
     ]
     params = UnitParams(
-        exec_path=exec_path, hosts_dir=hosts_dir, watch=tuple(watched), config=config, mode=mode
+        exec_path=exec_path,
+        hosts_dir=hosts_dir,
+        watch=tuple(watched),
+        config=config,
+        mode=mode,
+        textfile=textfile,
     )
+    if textfile and not node.path(posixpath.dirname(textfile)).is_dir():
+        warnings.append(
+            f"{posixpath.dirname(textfile)} does not exist on the node: create node_exporter's "
+            "textfile directory (--collector.textfile.directory) or doctor exits 2"
+        )
     target = unit_dir if unit_dir is not None else node.path(DEFAULT_UNIT_DIR)
     display = str(unit_dir) if unit_dir is not None else DEFAULT_UNIT_DIR
     files = tuple(plan_units(target, display, render(params)))
@@ -404,4 +529,4 @@ def install_report(result: Installed, output: str) -> None:
     print(f"{n} unit file{'s' if n != 1 else ''} {done}" if n else "units up to date")
     print(f"watching {result.params.hosts_dir} and {len(result.params.watch) - 1} hosts.toml files")
     if n:
-        print(f"this command does not run systemctl; next: {ENABLE_HINT}")
+        print(f"this command does not run systemctl; next: {result.enable_hint}")

@@ -25,7 +25,17 @@ MANIFEST_ACCEPT = ", ".join(
         "application/vnd.docker.distribution.manifest.v2+json",
     )
 )
-POD_HINT = "kubectl -n spegel get pods -o wide --field-selector spec.nodeName=$(hostname)"
+# The namespace of the shipped manifests (docs/flux: kube-system).
+SPEGEL_NAMESPACE = "kube-system"
+POD_HINT = (
+    f"kubectl -n {SPEGEL_NAMESPACE} get pods -l app.kubernetes.io/name=spegel -o wide "
+    "--field-selector spec.nodeName=$(hostname)"
+)
+# Shows whether the running chart still has a hostPort (0.7.x) or only the NodePort (0.8+).
+PORTS_HINT = (
+    f"kubectl -n {SPEGEL_NAMESPACE} get daemonset spegel -o "
+    "jsonpath='{.spec.template.spec.containers[0].ports}'"
+)
 
 
 def _host_url(facts: Facts, port: int) -> str:
@@ -64,7 +74,10 @@ class SpegelV2(Check):
                 f"{facts.timeouts.mirror_s:g}s: Spegel is hung, and every pull waits on it "
                 "(Spegel #739)"
             )
-            fix = f"restart the Spegel pod on this node ({POD_HINT}; kubectl -n spegel delete pod POD)"
+            fix = (
+                f"restart the Spegel pod on this node ({POD_HINT}; "
+                f"kubectl -n {SPEGEL_NAMESPACE} delete pod POD)"
+            )
         else:
             summary = f"{url}: {r.error}: Spegel does not serve on this node's mirror port"
             fix = f"check the Spegel pod on this node: {POD_HINT}"
@@ -78,14 +91,37 @@ class SpegelV2(Check):
                 f"{_host_url(facts, CHART_HOST_PORT)}/v2/", timeout=facts.timeouts.hint_s
             )
             if hint.status == 200:
-                fix = (
-                    f"Spegel answers on the chart's default hostPort {CHART_HOST_PORT} instead of "
-                    f"{port}: either set host_port = {CHART_HOST_PORT} in "
-                    "/etc/spegel-node/config.toml and run `spegel-node apply`, or set "
-                    f"service.registry.hostPort: {port} in the Spegel chart values "
-                    "(`spegel-node helm-values` prints them)"
-                )
+                fix = port_30020_fix(port)
+        else:
+            fix += "\n" + nodeport_note()
         return self.fail(summary, fix)
+
+
+def port_30020_fix(port: int) -> str:
+    """Spegel answers on 30020, not on `port`: a 0.7.x chart's default hostPort, or the next
+    chart's NodePort (it has no hostPort); the fix differs."""
+    return (
+        f"Spegel answers on port {CHART_HOST_PORT} instead of {port}. Which one is it ({PORTS_HINT}):\n"
+        f"- a hostPort {CHART_HOST_PORT} in the ports (Spegel chart 0.7.x, where "
+        f"{CHART_HOST_PORT} is the default hostPort): set service.registry.hostPort: {port} in "
+        f"the chart values (`spegel-node helm-values` prints them), or host_port = "
+        f"{CHART_HOST_PORT} in /etc/spegel-node/config.toml and run `spegel-node apply`;\n"
+        f"- no hostPort (Spegel's next chart, 0.8+, serves the mirror only as NodePort "
+        f"{CHART_HOST_PORT} through kube-proxy): set host_port = {CHART_HOST_PORT} in "
+        "/etc/spegel-node/config.toml and run `spegel-node apply` (the NodePort answers while "
+        "any Spegel pod is up, so the gate no longer sees this node's pod alone)"
+    )
+
+
+def nodeport_note() -> str:
+    """host_port is 30020 and does not answer: a hostPort (0.7.x) or a NodePort (0.8+)."""
+    return (
+        f"Port {CHART_HOST_PORT} is the Spegel chart 0.7.x's default hostPort, or from the next "
+        f"chart (0.8+) its NodePort ({PORTS_HINT} shows which): a hostPort needs the CNI's "
+        "portmap plugin (Cilium: cni.chainingMode=portmap or kube-proxy replacement with "
+        "hostPort support); a NodePort needs kube-proxy (or Cilium's kube-proxy replacement) on "
+        "this node"
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +148,8 @@ class SpegelReadyz(Check):
             return self.warn(
                 f"{url} answered HTTP {r.status}: Spegel is not ready (its p2p router has not "
                 "found peers yet)",
-                f"read the Spegel pod's log on this node ({POD_HINT}; kubectl -n spegel logs POD); "
+                f"read the Spegel pod's log on this node ({POD_HINT}; "
+                f"kubectl -n {SPEGEL_NAMESPACE} logs POD); "
                 "it must reach the other nodes' Spegel on its router port",
             )
         return self.warn(f"{url}: {r.error}", f"read the Spegel pod's log ({POD_HINT})")
