@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from spegel_node import __version__
-from spegel_node.errors import BadInput, SpegelNodeError
+from spegel_node.errors import BadInput, NeedsRoot, SpegelNodeError, denied_to_non_root
 from spegel_node.node import Node
 
 if TYPE_CHECKING:
@@ -127,7 +127,12 @@ def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Call
         def run(**kwargs: Any) -> int:
             _inherit_common(kwargs)
             common = _common(*(kwargs.pop(p.name) for p in _COMMON_OPTIONS))
-            return command(common, **kwargs)
+            try:
+                return command(common, **kwargs)
+            except OSError as e:
+                if denied_to_non_root(e):  # one line naming the node path, not a traceback
+                    raise NeedsRoot([common.node.display(e.filename or "")]) from e
+                raise
 
         params = [*own, *_COMMON_OPTIONS]
         run.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]

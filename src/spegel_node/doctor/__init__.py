@@ -7,6 +7,7 @@ Spegel answering, as independent checks with stable ids (docs/checks.md lists th
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from spegel_node.doctor.imageref import parse_image_ref
 from spegel_node.doctor.promtext import render_textfile, write_atomic
 from spegel_node.doctor.render import print_report
 from spegel_node.doctor.runner import Run, run_checks
-from spegel_node.errors import BadInput
+from spegel_node.errors import BadInput, NeedsRoot
 from spegel_node.node import Node
 from spegel_node.settings import load_settings
 
@@ -32,7 +33,7 @@ def diagnose(facts: Facts) -> Run:
     run = run_checks(
         checks, facts, max(0.1, facts.timeouts.deadline_s - (time.monotonic() - started))
     )
-    return Run(run.results, round(time.monotonic() - started, 3))
+    return Run(run.results, round(time.monotonic() - started, 3), run.denied)
 
 
 def run_doctor(
@@ -52,6 +53,12 @@ def run_doctor(
     ref = parse_image_ref(image) if image is not None else None
     facts = Facts(node, settings, image=ref)
     run = diagnose(facts)
+    denied = list(run.denied)
+    socket = facts.socket if facts.layout is not None else None
+    if socket is not None and socket.state == "denied" and os.geteuid() != 0:
+        denied.insert(0, facts.layout.containerd_socket if facts.layout else "")
+    if denied:  # a non-root run: say it once instead of a report of crashed checks
+        raise NeedsRoot(denied)
     print_report(run, facts.flavor, facts.mirror_url, output, stream or sys.stdout)
     if textfile is not None:
         write_atomic(textfile, render_textfile(run.results, run.duration_s, time.time(), run.ok))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult, Status
+from spegel_node.errors import denied_to_non_root
 from spegel_node.hoststoml import redact_text
 
 BUG_FIX = "this is a bug in spegel-node: please report it with the output of `spegel-node doctor --output json`"
@@ -23,6 +24,8 @@ BUG_FIX = "this is a bug in spegel-node: please report it with the output of `sp
 class Run:
     results: tuple[CheckResult, ...]
     duration_s: float
+    # node paths a non-root run could not read (doctor then says once that it needs root)
+    denied: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def ok(self) -> bool:
@@ -32,11 +35,14 @@ class Run:
         return sum(r.status is status for r in self.results)
 
 
-def _run_one(check: Check, facts: Facts) -> CheckResult:
+def _run_one(check: Check, facts: Facts, denied: list[str] | None = None) -> CheckResult:
     started = time.monotonic()
     try:
         result = check.run(facts)
     except Exception as e:  # one check's crash is its own result, never the end of the run
+        if denied is not None and denied_to_non_root(e):
+            assert isinstance(e, OSError)
+            denied.append(facts.node.display(e.filename or ""))
         message = redact_text(" ".join(str(e).split()))[:300]
         result = CheckResult(
             check.id,
@@ -52,9 +58,10 @@ def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
     started = time.monotonic()
     results: list[CheckResult | None] = [None] * len(checks)
     done = threading.Condition()
+    denied: list[str] = []
 
     def work(index: int, check: Check) -> None:
-        result = _run_one(check, facts)
+        result = _run_one(check, facts, denied)
         with done:
             results[index] = result
             done.notify_all()
@@ -84,4 +91,4 @@ def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
             )
             for r, check in zip(results, checks, strict=True)
         ]
-    return Run(tuple(final), round(time.monotonic() - started, 3))
+        return Run(tuple(final), round(time.monotonic() - started, 3), tuple(denied))

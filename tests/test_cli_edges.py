@@ -1,0 +1,146 @@
+"""The rough edges a newcomer hits (issue 15, CLI): a run without root, fix commands that keep
+--config, the {node_ip} placeholder, "nothing to do" exit codes, apply's k3s registries.yaml
+warning."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.cli import tree_state
+from support.fake_nodes import make_containerd
+
+REPO = Path(__file__).resolve().parents[1]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+PLAIN_CONFIG = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n'
+
+# --- without root -----------------------------------------------------------------------------
+
+
+def _nobody_python() -> list[str]:
+    """A Python that uid 65534 may run, with this worktree's code and the venv's packages."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to run as nobody")
+    minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for python in (os.path.realpath(sys.executable), f"/usr/bin/{minor}"):
+        probe = subprocess.run(
+            [*NOBODY, python, "-c", "import typer, psutil, tomlkit, spegel_node"],
+            env=_nobody_env(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return [python, "-m", "spegel_node"]
+    pytest.skip(f"no {minor} that uid 65534 may run")
+
+
+def _nobody_env() -> dict[str, str]:
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    return {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *site]),
+        "NO_COLOR": "1",
+        "HOME": "/",
+    }
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temp dir uid 65534 can reach (pytest's tmp_path is under a 0700 dir)."""
+    path = Path(tempfile.mkdtemp(prefix=f"spegel-node-nobody-{os.getpid()}-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def _lock_down(root: Path, dirs: list[Path] | None = None) -> None:
+    """Dirs owned by root with mode 0700 (every dir under root, or the ones given)."""
+    targets = dirs if dirs is not None else [p for p in root.rglob("*") if p.is_dir()]
+    for d in targets:
+        d.chmod(0o700)
+
+
+def _as_nobody(python: list[str], root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*NOBODY, *python, *args, "--root", str(root)],
+        env=_nobody_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+NODE_COMMANDS = [
+    ["detect"],
+    ["apply", "--no-gate"],
+    ["remove"],
+    ["validate"],
+    ["doctor"],
+    ["doctor", "-o", "json"],
+    ["helm-values"],
+    ["install-units", "--dry-run"],
+    ["configure-containerd", "--dry-run"],
+]
+
+
+def _assert_one_root_line(done: subprocess.CompletedProcess[str], path: str) -> None:
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "needs root" in lines[0] and path in lines[0], lines[0]
+    assert "bug in spegel-node" not in done.stdout + done.stderr
+    assert done.stdout == ""
+
+
+def test_every_node_command_says_once_that_it_needs_root(open_tmp: Path) -> None:
+    python = _nobody_python()
+    root = open_tmp / "node"
+    make_containerd(root, config_path="/etc/containerd/certs.d")
+    _lock_down(root)
+    before = tree_state(root)
+    for args in NODE_COMMANDS:
+        done = _as_nobody(python, root, *args)
+        _assert_one_root_line(done, "/etc/")
+        assert str(root) not in done.stderr  # node paths, not the --root prefix
+    assert tree_state(root) == before
+
+
+def test_state_dir_only_root_may_read(open_tmp: Path) -> None:
+    """The issue's case: the node is readable, the state apply left is not (doctor's agent.*
+    checks used to crash, "a bug in spegel-node", once per check)."""
+    python = _nobody_python()
+    root = open_tmp / "node"
+    make_containerd(root, config_path="/etc/containerd/certs.d")
+    for d in [root, *root.rglob("*")]:
+        d.chmod(d.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if d.is_dir() else 0))
+    code = subprocess.run(
+        [sys.executable, "-m", "spegel_node", "apply", "--no-gate", "--root", str(root)],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    ).returncode
+    assert code == 0
+    state = root / "var/lib/spegel-node"
+    _lock_down(root, [state])
+    before = tree_state(root)
+    textfile = open_tmp / "doctor.prom"
+    open_tmp.chmod(0o777)
+    doctor = _as_nobody(python, root, "doctor", "--textfile", str(textfile))
+    _assert_one_root_line(doctor, "/var/lib/spegel-node/")
+    assert not textfile.exists()
+    for args in (["apply", "--no-gate"], ["remove"]):
+        _assert_one_root_line(_as_nobody(python, root, *args), "/var/lib/spegel-node/")
+    assert tree_state(root) == before
