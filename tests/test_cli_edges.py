@@ -4,7 +4,9 @@ warning."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -14,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.cli import tree_state
+from support.cli import run_cli, tree_state
 from support.fake_nodes import make_containerd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,3 +146,55 @@ def test_state_dir_only_root_may_read(open_tmp: Path) -> None:
     for args in (["apply", "--no-gate"], ["remove"]):
         _assert_one_root_line(_as_nobody(python, root, *args), "/var/lib/spegel-node/")
     assert tree_state(root) == before
+
+
+# --- fix commands keep --root and --config ---------------------------------------------------
+
+SUBCOMMAND = re.compile(
+    r"spegel-node (?:apply|remove|validate|doctor|helm-values|install-units|configure-containerd)"
+    r"\b[^`\n]*"
+)
+
+
+def test_fix_commands_keep_root_config_and_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "node"
+    make_containerd(root)  # config_path unset, no state, no units, Spegel not answering
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg/c.toml").write_text('node_ip = "127.0.0.1"\nhost_port = 9\n')
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(capsys, "doctor", "--root", str(root), "--config", "cfg/c.toml", "-o", "json")
+    assert result.code == 1, result.err
+    fixes = "\n".join(c.get("remediation") or "" for c in json.loads(result.out)["checks"])
+    commands = SUBCOMMAND.findall(fixes)
+    verbs = {c.split()[1] for c in commands}
+    assert {"apply", "configure-containerd", "install-units"} <= verbs, fixes
+    for command in commands:
+        assert f"--root {root}" in command, command
+        assert f"--config {tmp_path / 'cfg/c.toml'}" in command, command  # made absolute
+    assert "spegel-node apply --root" in fixes
+
+
+def test_cli_command_repeats_overrides_once(tmp_path: Path) -> None:
+    from spegel_node.doctor.facts import Facts
+    from spegel_node.doctor.remedy import cli_command, config_file, install_units_command
+    from spegel_node.node import Node
+    from spegel_node.settings import settings_from_mapping
+
+    facts = Facts(
+        Node(tmp_path),
+        settings_from_mapping({}),
+        command_options=[("--config", "/x/my config.toml"), ("--hosts-dir", "/opt/hosts")],
+    )
+    tail = f"--root {tmp_path} --config '/x/my config.toml'"
+    assert cli_command(facts, "apply") == f"spegel-node apply {tail} --hosts-dir /opt/hosts"
+    assert (
+        cli_command(facts, "remove --hosts-dir /old")
+        == f"spegel-node remove --hosts-dir /old {tail}"
+    )
+    assert install_units_command(facts).startswith(f"sudo spegel-node install-units {tail}")
+    assert config_file(facts) == "/x/my config.toml"
+    plain = Facts(Node(Path("/")), settings_from_mapping({}))
+    assert cli_command(plain, "apply") == "spegel-node apply"
+    assert config_file(plain) == "/etc/spegel-node/config.toml"

@@ -51,7 +51,9 @@ def run_doctor(
         raise BadInput(f"--textfile {textfile}: directory {textfile.parent} does not exist")
     settings = load_settings(node, config, overrides)  # BadInput: exit 2, nothing run
     ref = parse_image_ref(image) if image is not None else None
-    facts = Facts(node, settings, image=ref)
+    options = [("--config", str(config.absolute()))] if config is not None else []
+    options += [("--" + key.replace("_", "-"), v) for key, v in overrides.items() if v]
+    facts = Facts(node, settings, image=ref, command_options=options)
     run = diagnose(facts)
     denied = list(run.denied)
     socket = facts.socket if facts.layout is not None else None

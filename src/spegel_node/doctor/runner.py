@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult, Status
+from spegel_node.doctor.remedy import cli_command
 from spegel_node.errors import denied_to_non_root
 from spegel_node.hoststoml import redact_text
 
@@ -49,7 +50,9 @@ def _run_one(check: Check, facts: Facts, denied: list[str] | None = None) -> Che
             check.area,
             Status.FAIL,
             f"check crashed: {type(e).__name__}: {message}",
-            BUG_FIX,
+            BUG_FIX.replace(
+                "spegel-node doctor --output json", cli_command(facts, "doctor --output json")
+            ),
         )
     return replace(result, duration_s=round(time.monotonic() - started, 4))
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 from spegel_node.doctor.checks.agent import unit_state
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
-from spegel_node.doctor.remedy import ENABLE_TIMER, restart_command, restart_only
+from spegel_node.doctor.remedy import ENABLE_TIMER, cli_command, restart_command, restart_only
 from spegel_node.hoststoml import mirror_key
 from spegel_node.registry import DEFAULT_DIR
 
@@ -117,7 +117,7 @@ class EmbeddedRegistry(Check):
         fix = (
             f"run one Spegel, not two: either remove `embedded-registry: true` from {where} and "
             f"restart ({restart_only(self.distro)}), or keep {self.distro}'s embedded Spegel "
-            "and uninstall the Spegel chart and spegel-node (`spegel-node remove`)"
+            f"and uninstall the Spegel chart and spegel-node (`{cli_command(facts, 'remove')}`)"
         )
         if facts.mirror_v2.status == 200:
             return self.fail(

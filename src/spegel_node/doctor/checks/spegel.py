@@ -14,6 +14,7 @@ from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.imageref import ImageRef
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.promtext import parse_samples
+from spegel_node.doctor.remedy import apply_command, cli_command, config_file
 
 CHART_HOST_PORT = 30020
 METRICS_PORT = 9090
@@ -70,7 +71,7 @@ class SpegelV2(Check):
             fix = f"check the Spegel pod on this node: {POD_HINT}"
         fix += (
             f"\nUntil it answers, the health gate withdraws the mirror after "
-            f"{facts.settings.gate_failures} failed probes (`spegel-node apply`, run by the "
+            f"{facts.settings.gate_failures} failed probes (`{apply_command(facts)}`, run by the "
             "repair timer)."
         )
         if port != CHART_HOST_PORT:
@@ -81,9 +82,9 @@ class SpegelV2(Check):
                 fix = (
                     f"Spegel answers on the chart's default hostPort {CHART_HOST_PORT} instead of "
                     f"{port}: either set host_port = {CHART_HOST_PORT} in "
-                    "/etc/spegel-node/config.toml and run `spegel-node apply`, or set "
+                    f"{config_file(facts)} and run `{apply_command(facts)}`, or set "
                     f"service.registry.hostPort: {port} in the Spegel chart values "
-                    "(`spegel-node helm-values` prints them)"
+                    f"(`{cli_command(facts, 'helm-values')}` prints them)"
                 )
         return self.fail(summary, fix)
 
@@ -177,7 +178,7 @@ class SpegelMetrics(Check):
             return self.warn(
                 summary,
                 "no request found the image on a peer yet; pull an image on another node and "
-                "check again (spegel-node doctor --image REF)",
+                f"check again ({cli_command(facts, 'doctor --image REF')})",
                 details,
             )
         return self.passed(summary, details)
@@ -225,11 +226,15 @@ class SpegelImage(Check):
         if r.status == 404:
             fix = (
                 f"no node has it in its content store yet: pull it on another node (crictl pull "
-                f"{ref}) and ask again; if a node has it, check that node (spegel-node doctor "
-                "there: discard_unpacked_layers must be false, and its Spegel must be ready)"
+                f"{ref}) and ask again; if a node has it, check that node "
+                f"({cli_command(facts, 'doctor')} there: discard_unpacked_layers must be false, "
+                "and its Spegel must be ready)"
             )
             if not mirrored:
-                fix += f'\nand add "https://{ref.registry}" to registries, then `spegel-node apply`'
+                fix += (
+                    f'\nand add "https://{ref.registry}" to registries, then '
+                    f"`{apply_command(facts)}`"
+                )
             return self.fail(
                 f"no peer can serve {ref}: Spegel answered 404 for {shown}", fix, details
             )
