@@ -198,3 +198,77 @@ def test_cli_command_repeats_overrides_once(tmp_path: Path) -> None:
     plain = Facts(Node(Path("/")), settings_from_mapping({}))
     assert cli_command(plain, "apply") == "spegel-node apply"
     assert config_file(plain) == "/etc/spegel-node/config.toml"
+
+
+# --- {node_ip} in extra_mirrors --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "ipv4", "ipv6"),
+    [
+        ("http://{node_ip}:30021", "http://10.1.2.3:30021", "http://[fd00::5]:30021"),
+        ("http://[{node_ip}]:30021", "http://10.1.2.3:30021", "http://[fd00::5]:30021"),
+        ("https://{node_ip}", "https://10.1.2.3", "https://[fd00::5]"),
+        ("http://mirror.example:5000", "http://mirror.example:5000", "http://mirror.example:5000"),
+    ],
+)
+def test_node_ip_placeholder_is_filled_in_per_node(raw: str, ipv4: str, ipv6: str) -> None:
+    from spegel_node.settings import settings_from_mapping
+
+    settings = settings_from_mapping({"extra_mirrors": [raw], "host_port": 30020})
+    assert settings.mirror_urls("10.1.2.3") == ("http://10.1.2.3:30020", ipv4)
+    assert settings.mirror_urls("fd00::5") == ("http://[fd00::5]:30020", ipv6)
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("http://NODE_IP:30021", "write the node's address as {node_ip}"),
+        ("http://x{node_ip}:30021", "{node_ip} must be the whole host"),
+        ("http://{node_ip}:{node_ip}", "port must be a number"),
+        ("http://{node_ip}:30021/v2", "must not have a path"),
+    ],
+)
+def test_bad_placeholder_is_one_line_exit_2(
+    raw: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "node"
+    make_containerd(root, config_path="/etc/containerd/certs.d")
+    config = tmp_path / "c.toml"
+    config.write_text(f'node_ip = "10.1.2.3"\nextra_mirrors = ["{raw}"]\n')
+    before = tree_state(root)
+    result = run_cli(capsys, "apply", "--no-gate", "--root", str(root), "--config", str(config))
+    assert result.code == 2
+    assert result.err.count("\n") == 1 and says in result.err, result.err
+    assert raw in result.err
+    assert "spegel-node.invalid" not in result.err
+    assert tree_state(root) == before
+
+
+def test_apply_writes_the_filled_in_mirror(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "node"
+    make_containerd(root, config_path="/etc/containerd/certs.d")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'registries = ["https://docker.io"]\nnode_ip = "fd00::5"\n'
+        'extra_mirrors = ["http://{node_ip}:30021"]\n'
+    )
+    common = ["--root", str(root), "--config", str(config)]
+    result = run_cli(capsys, "apply", "--no-gate", *common)
+    assert result.code == 0, result.err
+    text = (root / "etc/containerd/certs.d/docker.io/hosts.toml").read_text()
+    first = text.index('[host."http://[fd00::5]:29999"]')
+    assert text.index('[host."http://[fd00::5]:30021"]') > first
+    assert "{node_ip}" not in text
+    validate = run_cli(capsys, "validate", "--strict", *common)
+    assert validate.code == 0, validate.out
+    again = run_cli(capsys, "apply", "--no-gate", *common, "-o", "json")
+    data = json.loads(again.out)
+    assert again.code == 0 and data["changes"] == [], again.out
+    assert data["mirrors"] == ["http://[fd00::5]:29999", "http://[fd00::5]:30021"]
+    values = run_cli(capsys, "helm-values", *common, "-o", "json")
+    assert json.loads(values.out)["spegel"]["additionalMirrorTargets"] == [
+        "http://$(NODE_IP):30021"
+    ]

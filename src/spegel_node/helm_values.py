@@ -7,7 +7,7 @@ from typing import Any
 
 from spegel_node.flavors import FALLBACK_HOSTS_DIR
 from spegel_node.layout import Layout
-from spegel_node.settings import Settings
+from spegel_node.settings import NODE_IP_PLACEHOLDER, Settings
 
 
 def helm_values(layout: Layout, settings: Settings) -> dict[str, Any]:
@@ -21,7 +21,10 @@ def helm_values(layout: Layout, settings: Settings) -> dict[str, Any]:
         "resolveTags": settings.resolve_tags,
     }
     if settings.extra_mirrors:
-        spegel["additionalMirrorTargets"] = list(settings.extra_mirrors)
+        # the chart puts them in the pod's args, where Kubernetes expands $(NODE_IP)
+        spegel["additionalMirrorTargets"] = [
+            m.replace(NODE_IP_PLACEHOLDER, "$(NODE_IP)") for m in settings.extra_mirrors
+        ]
     return {"spegel": spegel, "service": {"registry": {"hostPort": settings.host_port}}}
 
 

@@ -65,13 +65,45 @@ class Settings:
         return ("pull", "resolve") if self.resolve_tags else ("pull",)
 
     def mirror_url(self, node_ip: str) -> str:
-        host = f"[{node_ip}]" if ":" in node_ip else node_ip
-        return f"http://{host}:{self.host_port}"
+        return f"http://{url_host(node_ip)}:{self.host_port}"
 
     def mirror_urls(self, node_ip: str) -> tuple[str, ...]:
-        """The Spegel mirror URLs in the order hosts.toml lists them."""
+        """The Spegel mirror URLs in the order hosts.toml lists them ({node_ip} filled in)."""
         first = self.mirror_url(node_ip)
-        return (first, *(m for m in self.extra_mirrors if m != first))
+        extra = (m.replace(NODE_IP_PLACEHOLDER, url_host(node_ip)) for m in self.extra_mirrors)
+        return (first, *(m for m in extra if m != first))
+
+
+NODE_IP_PLACEHOLDER = "{node_ip}"  # in extra_mirrors: the node IP the mirror URL uses
+_PLACEHOLDER_HOST = "node-ip.spegel-node.invalid"  # stands in for it while the URL is checked
+
+
+def url_host(ip: str) -> str:
+    """An IP as a URL's host: IPv6 in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def parse_extra_mirror(raw: object) -> str:
+    """A mirror URL whose host may be `{node_ip}` (kept as the placeholder, filled in per node)."""
+    if not isinstance(raw, str) or NODE_IP_PLACEHOLDER not in raw:
+        if isinstance(raw, str) and "NODE_IP" in raw:
+            raise BadInput(
+                f"invalid mirror URL {raw!r} in extra_mirrors: write the node's address as "
+                f'{NODE_IP_PLACEHOLDER}, e.g. "http://{NODE_IP_PLACEHOLDER}:30021"'
+            )
+        return parse_mirror_url(raw)
+    text = raw.replace(f"[{NODE_IP_PLACEHOLDER}]", NODE_IP_PLACEHOLDER)
+    try:
+        url = parse_mirror_url(text.replace(NODE_IP_PLACEHOLDER, _PLACEHOLDER_HOST))
+    except BadInput as e:
+        raise BadInput(str(e).replace(_PLACEHOLDER_HOST, NODE_IP_PLACEHOLDER)) from e
+    host_port = url.split("://", 1)[1]
+    if host_port != _PLACEHOLDER_HOST and not host_port.startswith(_PLACEHOLDER_HOST + ":"):
+        raise BadInput(
+            f"invalid mirror URL {raw!r} in extra_mirrors: {NODE_IP_PLACEHOLDER} must be the "
+            f'whole host, e.g. "http://{NODE_IP_PLACEHOLDER}:30021"'
+        )
+    return url.replace(_PLACEHOLDER_HOST, NODE_IP_PLACEHOLDER)
 
 
 _FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -136,7 +168,7 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
             ) from e
 
     extra = data.get("extra_mirrors", [])
-    extra_mirrors = tuple(parse_mirror_url(m) for m in extra)
+    extra_mirrors = tuple(parse_extra_mirror(m) for m in extra)
 
     dial_timeout = data.get("dial_timeout", "200ms")
     ns = duration_ns(dial_timeout) if GO_DURATION.match(dial_timeout) else None
