@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.cli import run_cli, tree_state
-from support.fake_nodes import make_containerd
+from support.fake_nodes import BUILDERS, make_containerd
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
@@ -272,3 +272,60 @@ def test_apply_writes_the_filled_in_mirror(
     assert json.loads(values.out)["spegel"]["additionalMirrorTargets"] == [
         "http://$(NODE_IP):30021"
     ]
+
+
+# --- "nothing to do" is exit 0 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavor", ["k3s", "rke2", "microk8s"])
+def test_configure_containerd_with_nothing_to_configure_is_exit_0(
+    flavor: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    BUILDERS[flavor](tmp_path)
+    before = tree_state(tmp_path)
+    result = run_cli(capsys, "configure-containerd", "--root", str(tmp_path), "-o", "json")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["changed"] is False and data["restart_required"] is False  # the role's changed_when
+    assert data["nothing_to_do"] is True and data["flavor"] == flavor
+    assert "already sets config_path" in data["notes"][0]
+    text = run_cli(capsys, "configure-containerd", "--root", str(tmp_path))
+    assert text.code == 0 and "nothing to configure" in text.out and text.err == ""
+    assert tree_state(tmp_path) == before
+
+
+def test_configure_containerd_still_refuses_what_it_must_not_edit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    BUILDERS["talos"](tmp_path)
+    result = run_cli(capsys, "configure-containerd", "--root", str(tmp_path))
+    assert result.code == 1 and "machine config" in result.err
+
+
+def test_helm_values_without_a_layout_is_exit_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("host_port = 30020\n")
+    (tmp_path / "node").mkdir()
+    result = run_cli(
+        capsys,
+        "helm-values",
+        "--root",
+        str(tmp_path / "node"),
+        "--config",
+        str(config),
+        "-o",
+        "json",
+    )
+    assert result.code == 0
+    spegel = json.loads(result.out)["spegel"]
+    assert spegel["containerdSock"] == "/run/containerd/containerd.sock"
+    assert spegel["containerdRegistryConfigPath"] == "/etc/containerd/certs.d"
+    assert spegel["containerdContentPath"].endswith("io.containerd.content.v1.content")
+    assert json.loads(result.out)["service"]["registry"]["hostPort"] == 30020
+    assert result.err.count("\n") == 1 and "no containerd found" in result.err
+    assert "default paths" in result.err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("host_port = 0\n")
+    assert run_cli(capsys, "helm-values", "--root", str(tmp_path), "--config", str(bad)).code == 2

@@ -141,6 +141,35 @@ class SetupOutcome:
 # --- refusals ------------------------------------------------------------------------------------
 
 
+class NothingToConfigure(Refused):
+    """The distro already sets what configure-containerd would: nothing to do, exit 0 (SPEC:
+    "0 done or nothing to do"). The CLI reports it with `nothing_to_configure_report`."""
+
+
+def nothing_to_configure_report(
+    reason: NothingToConfigure, flavor: str, dry_run: bool, output: str
+) -> None:
+    """The result for a node with nothing to configure: JSON with the usual keys, or one line."""
+    from spegel_node.output import print_json
+
+    if output == "json":
+        print_json(
+            {
+                "changed": False,
+                "path": None,
+                "restart_required": False,
+                "dry_run": dry_run,
+                "flavor": flavor,
+                "nothing_to_do": True,
+                "restart_reason": "",
+                "diff": "",
+                "notes": [str(reason)],
+            }
+        )
+    else:
+        print(str(reason))
+
+
 def _refusal(layout: Layout, hosts_dir: str, mirror_urls: Sequence[str]) -> Refused | None:
     flavor = layout.flavor
     config = layout.containerd_config or flavor_record(flavor).config
@@ -158,14 +187,14 @@ def _refusal(layout: Layout, hosts_dir: str, mirror_urls: Sequence[str]) -> Refu
             + bottlerocket_settings((), mirror_urls).rstrip("\n")
         )
     if flavor in ("k3s", "rke2"):
-        return Refused(
+        return NothingToConfigure(
             f"{flavor} generates {config} at every start and already sets config_path to "
             f"{hosts_dir} (discard_unpacked_layers is false unless you changed its template); "
             f"nothing to configure: leave configure-containerd off for {flavor} nodes "
             "(Ansible: spegel_node_configure_containerd: false)"
         )
     if flavor == "microk8s":
-        return Refused(
+        return NothingToConfigure(
             f"MicroK8s already sets config_path to {hosts_dir} in {config}; nothing to configure: "
             "leave configure-containerd off for MicroK8s nodes"
         )
