@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.cli import run_cli, tree_state
-from support.fake_nodes import BUILDERS, make_containerd
+from support.fake_nodes import BUILDERS, RANCHER_GENERATED, make_containerd
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
@@ -329,3 +329,56 @@ def test_helm_values_without_a_layout_is_exit_0(
     bad = tmp_path / "bad.toml"
     bad.write_text("host_port = 0\n")
     assert run_cli(capsys, "helm-values", "--root", str(tmp_path), "--config", str(bad)).code == 2
+
+
+# --- apply warns about the dirs k3s/RKE2 regenerate --------------------------------------------
+
+CERTS = "/var/lib/rancher/k3s/agent/etc/containerd/certs.d"
+
+
+def test_apply_warns_about_dirs_k3s_regenerates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    BUILDERS["k3s"](tmp_path)  # registries.yaml names docker.io (not Spegel)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'registries = ["https://docker.io", "https://ghcr.io"]\nnode_ip = "10.9.8.7"\n'
+    )
+    common = ["--root", str(tmp_path / ""), "--config", str(config), "--no-gate"]
+    dry = run_cli(capsys, "apply", "--dry-run", *common)
+    result = run_cli(capsys, "apply", *common)
+    for run in (dry, result):
+        assert run.code == 0, run.err
+        lines = [ln for ln in run.err.splitlines() if "regenerates" in ln]
+        assert lines == [
+            f"warning: k3s regenerates {CERTS}/docker.io from /etc/rancher/k3s/registries.yaml at "
+            "every start, dropping the Spegel mirror: name Spegel first there or keep the repair "
+            "units on (`spegel-node doctor`, check k3s.registries_yaml, shows how)"
+        ], run.err
+    assert "ghcr.io" not in result.err  # k3s does not touch a dir registries.yaml does not name
+    again = run_cli(capsys, "apply", *common, "-o", "json")  # nothing written: nothing to warn
+    assert again.code == 0 and json.loads(again.out)["warnings"] == []
+    (tmp_path / CERTS.lstrip("/") / "docker.io/hosts.toml").write_text(
+        RANCHER_GENERATED.format(distro="k3s")  # k3s restarted
+    )
+    repaired = run_cli(capsys, "apply", *common, "-o", "json")
+    assert repaired.code == 0
+    warnings = json.loads(repaired.out)["warnings"]
+    assert len(warnings) == 1 and f"{CERTS}/docker.io from" in warnings[0]
+
+
+def test_no_warning_when_registries_yaml_names_spegel_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    BUILDERS["k3s"](tmp_path)
+    (tmp_path / "etc/rancher/k3s/registries.yaml").write_text(
+        'mirrors:\n  docker.io:\n    endpoint:\n      - "http://10.9.8.7:29999"\n'
+    )
+    config = tmp_path / "c.toml"
+    config.write_text('registries = ["https://docker.io"]\nnode_ip = "10.9.8.7"\n')
+    result = run_cli(
+        capsys, "apply", "--no-gate", "--root", str(tmp_path), "--config", str(config), "-o", "json"
+    )
+    assert result.code == 0
+    assert json.loads(result.out)["changes"]
+    assert not [w for w in json.loads(result.out)["warnings"] if "regenerates" in w]
