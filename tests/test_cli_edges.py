@@ -119,9 +119,10 @@ def test_every_node_command_says_once_that_it_needs_root(open_tmp: Path) -> None
     assert tree_state(root) == before
 
 
-def test_state_dir_only_root_may_read(open_tmp: Path) -> None:
-    """The issue's case: the node is readable, the state apply left is not (doctor's agent.*
-    checks used to crash, "a bug in spegel-node", once per check)."""
+@pytest.mark.parametrize("locked", ["/var/lib/spegel-node", "/etc/containerd/certs.d"])
+def test_one_dir_only_root_may_read(open_tmp: Path, locked: str) -> None:
+    """The issue's case: the node is readable, the state apply left (or the hosts dir) is not;
+    doctor's checks used to crash ("a bug in spegel-node") or fail once per check."""
     python = _nobody_python()
     root = open_tmp / "node"
     make_containerd(root, config_path="/etc/containerd/certs.d")
@@ -135,16 +136,17 @@ def test_state_dir_only_root_may_read(open_tmp: Path) -> None:
         check=False,
     ).returncode
     assert code == 0
-    state = root / "var/lib/spegel-node"
-    _lock_down(root, [state])
+    _lock_down(root, [root / locked.lstrip("/")])
     before = tree_state(root)
     textfile = open_tmp / "doctor.prom"
     open_tmp.chmod(0o777)
     doctor = _as_nobody(python, root, "doctor", "--textfile", str(textfile))
-    _assert_one_root_line(doctor, "/var/lib/spegel-node/")
+    _assert_one_root_line(doctor, locked)
     assert not textfile.exists()
-    for args in (["apply", "--no-gate"], ["remove"]):
-        _assert_one_root_line(_as_nobody(python, root, *args), "/var/lib/spegel-node/")
+    for args in (["apply", "--no-gate"], ["remove"], ["validate", locked]):
+        done = _as_nobody(python, root, *args)
+        assert done.returncode == 1 and "needs root" in done.stdout + done.stderr, done
+        assert "Traceback" not in done.stderr
     assert tree_state(root) == before
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spegel_node.errors import BadInput
+from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.hoststoml import redact_text, redact_url, table_header_path
 from spegel_node.registry import DEFAULT_DIR
 from spegel_node.settings import GO_DURATION
@@ -147,6 +147,8 @@ def validate_file(
         data = _read_capped(path)
     except OSError as e:
         reason = e.strerror or type(e).__name__
+        if denied_to_non_root(e):
+            reason += f": {needs_root_hint()}"
         return [Finding(display_path, None, ERROR, "file.unreadable", f"cannot read: {reason}")]
     if data is None:
         return [_too_large(display_path)]
@@ -199,6 +201,8 @@ def validate_hosts_dir(
         dirs = sorted(p for p in hosts_dir.iterdir() if p.is_dir() and p.name != BACKUP_DIR)
     except OSError as e:
         reason = e.strerror or type(e).__name__
+        if denied_to_non_root(e):
+            reason += f": {needs_root_hint()}"
         return [
             Finding(display(hosts_dir), None, ERROR, "dir.unreadable", f"cannot list: {reason}")
         ]

@@ -20,7 +20,7 @@ from spegel_node.doctor.promtext import render_textfile, write_atomic
 from spegel_node.doctor.render import print_report
 from spegel_node.doctor.runner import Run, run_checks
 from spegel_node.errors import BadInput, NeedsRoot
-from spegel_node.node import Node
+from spegel_node.node import STATE_DIR, Node
 from spegel_node.settings import load_settings
 
 __all__ = ["Facts", "Run", "Timeouts", "build_checks", "diagnose", "run_checks", "run_doctor"]
@@ -34,6 +34,17 @@ def diagnose(facts: Facts) -> Run:
         checks, facts, max(0.1, facts.timeouts.deadline_s - (time.monotonic() - started))
     )
     return Run(run.results, round(time.monotonic() - started, 3), run.denied)
+
+
+def _unreadable_dirs(facts: Facts) -> list[str]:
+    """The hosts dir and the state dir, when they exist and this user may not list them (the
+    checks would each report it)."""
+    found = []
+    for path in (facts.hosts_dir, STATE_DIR):
+        real = facts.node.path(path)
+        if os.path.isdir(real) and not os.access(real, os.R_OK | os.X_OK):
+            found.append(path)
+    return found
 
 
 def run_doctor(
@@ -57,8 +68,10 @@ def run_doctor(
     run = diagnose(facts)
     denied = list(run.denied)
     socket = facts.socket if facts.layout is not None else None
-    if socket is not None and socket.state == "denied" and os.geteuid() != 0:
-        denied.insert(0, facts.layout.containerd_socket if facts.layout else "")
+    if os.geteuid() != 0:
+        if socket is not None and socket.state == "denied" and facts.layout is not None:
+            denied.insert(0, facts.layout.containerd_socket)
+        denied += _unreadable_dirs(facts)
     if denied:  # a non-root run: say it once instead of a report of crashed checks
         raise NeedsRoot(denied)
     print_report(run, facts.flavor, facts.mirror_url, output, stream or sys.stdout)
