@@ -96,8 +96,8 @@ NODE_COMMANDS = [
 ]
 
 
-def _assert_one_root_line(done: subprocess.CompletedProcess[str], path: str) -> None:
-    assert done.returncode == 1, (done.stdout, done.stderr)
+def _assert_one_root_line(done: subprocess.CompletedProcess[str], path: str, code: int = 1) -> None:
+    assert done.returncode == code, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
@@ -111,11 +111,27 @@ def test_every_node_command_says_once_that_it_needs_root(open_tmp: Path) -> None
     root = open_tmp / "node"
     make_containerd(root, config_path="/etc/containerd/certs.d")
     _lock_down(root)
+    config = open_tmp / "c.toml"  # readable: the node paths are what this user may not read
+    config.write_text('node_ip = "127.0.0.1"\n')
+    config.chmod(0o644)
     before = tree_state(root)
     for args in NODE_COMMANDS:
-        done = _as_nobody(python, root, *args)
-        _assert_one_root_line(done, "/etc/")
+        done = _as_nobody(python, root, *args, "--config", str(config))
+        _assert_one_root_line(done, "permission denied on /etc/")
         assert str(root) not in done.stderr  # node paths, not the --root prefix
+    assert tree_state(root) == before
+
+
+def test_an_unreadable_config_is_bad_input_that_says_root(open_tmp: Path) -> None:
+    """SPEC: an unreadable config is exit 2 (bad input); the line still says it needs root."""
+    python = _nobody_python()
+    root = open_tmp / "node"
+    make_containerd(root, config_path="/etc/containerd/certs.d")
+    _lock_down(root)
+    before = tree_state(root)
+    for args in (["apply", "--no-gate"], ["doctor"], ["detect"]):
+        done = _as_nobody(python, root, *args)
+        _assert_one_root_line(done, "cannot read config file /etc/spegel-node/config.toml", 2)
     assert tree_state(root) == before
 
 

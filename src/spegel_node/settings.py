@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from spegel_node.errors import BadInput
+from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.node import DEFAULT_CONFIG, Node
 from spegel_node.registry import Registry, parse_mirror_url, parse_registry
 
@@ -224,6 +224,12 @@ def go_duration_seconds(value: str) -> float:
     return sign * total
 
 
+def _unreadable_config(source: str, err: OSError) -> BadInput:
+    """SPEC: an unreadable config is bad input (exit 2); a non-root run is told it needs root."""
+    hint = f": {needs_root_hint()}" if denied_to_non_root(err) else ""
+    return BadInput(f"cannot read config file {source}: {err.strerror}{hint}")
+
+
 def load_settings(
     node: Node, config: Path | None = None, overrides: dict[str, str | None] | None = None
 ) -> Settings:
@@ -234,14 +240,18 @@ def load_settings(
     path = config if config is not None else node.path(DEFAULT_CONFIG)
     data: dict[str, Any] = {}
     source = "defaults"
-    if config is not None or path.exists():
+    try:
+        present = config is not None or path.exists()
+    except OSError as e:  # the default's dir may not be searched: as unreadable as the file
+        raise _unreadable_config(DEFAULT_CONFIG, e) from e
+    if present:
         source = str(config) if config is not None else DEFAULT_CONFIG
         try:
             raw = path.read_bytes()
         except FileNotFoundError as e:
             raise BadInput(f"config file {source} does not exist") from e
         except OSError as e:
-            raise BadInput(f"cannot read config file {source}: {e.strerror}") from e
+            raise _unreadable_config(source, e) from e
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
