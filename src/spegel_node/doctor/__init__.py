@@ -67,8 +67,8 @@ def run_doctor(
     facts = Facts(node, settings, image=ref, command_options=options)
     run = diagnose(facts)
     denied = list(run.denied)
-    socket = facts.socket if facts.layout is not None else None
     if os.geteuid() != 0:
+        socket = facts.socket if facts.layout is not None else None
         if socket is not None and socket.state == "denied" and facts.layout is not None:
             denied.insert(0, facts.layout.containerd_socket)
         denied += _unreadable_dirs(facts)
