@@ -400,3 +400,21 @@ def test_no_warning_when_registries_yaml_names_spegel_first(
     assert result.code == 0
     assert json.loads(result.out)["changes"]
     assert not [w for w in json.loads(result.out)["warnings"] if "regenerates" in w]
+
+
+def test_doctor_says_once_when_only_the_socket_is_root_only(open_tmp: Path) -> None:
+    import socket
+
+    python = _nobody_python()
+    root = open_tmp / "node"
+    make_containerd(root, config_path="/etc/containerd/certs.d", with_socket=False)
+    sock_path = root / "run/containerd/containerd.sock"
+    sock_path.parent.mkdir(parents=True)
+    for d in [root, *root.rglob("*")]:
+        d.chmod(d.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if d.is_dir() else 0))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(sock_path))
+        server.listen(1)
+        sock_path.chmod(0o600)  # containerd's socket: root only
+        doctor = _as_nobody(python, root, "doctor")
+    _assert_one_root_line(doctor, "permission denied on /run/containerd/containerd.sock")
