@@ -10,16 +10,23 @@ BIN := $(VENV)/bin
 APT_PACKAGES := python3 python3-venv systemd containerd runc docker-registry skopeo systemd-container debootstrap iproute2 util-linux prometheus
 APT_STAMP := $(VENV)/.apt-stamp
 VENV_STAMP := $(VENV)/.venv-stamp
-
-.PHONY: demo test lint unit bench clean peers image
-
-$(APT_STAMP):
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+# `make demo` gets the runtime only: its own venv with `pip install -e .` (no [dev] extras) and
+# the Debian packages the sandbox node runs.
+DEMO_VENV := .venv-demo
+DEMO_APT_PACKAGES := python3 python3-venv containerd runc docker-registry skopeo iproute2
+DEMO_STAMP := $(DEMO_VENV)/.demo-stamp
+# $(call apt_install,PACKAGES): install the missing ones, quietly
+apt_install = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+.PHONY: demo test lint unit bench clean peers image
+
+$(APT_STAMP):
+	@$(call apt_install,$(APT_PACKAGES))
 	@mkdir -p $(VENV) && touch $@
 
 $(VENV_STAMP): pyproject.toml | $(APT_STAMP)
@@ -28,8 +35,17 @@ $(VENV_STAMP): pyproject.toml | $(APT_STAMP)
 	@$(BIN)/pip install -q -e '.[dev]' $(QUIET_PIP)
 	@touch $@
 
-demo: $(VENV_STAMP) $(APT_STAMP)
-	$(BIN)/python -u scripts/demo.py
+$(DEMO_STAMP): pyproject.toml
+	@echo "demo setup 1/3: Debian packages ($(DEMO_APT_PACKAGES))"
+	@$(call apt_install,$(DEMO_APT_PACKAGES))
+	@echo "demo setup 2/3: virtualenv $(DEMO_VENV)"
+	@test -x $(DEMO_VENV)/bin/python || $(PY) -m venv $(DEMO_VENV)
+	@echo "demo setup 3/3: pip install -e . (runtime dependencies only)"
+	@$(DEMO_VENV)/bin/pip install -q --disable-pip-version-check -e . $(QUIET_PIP)
+	@touch $@
+
+demo: $(DEMO_STAMP)
+	$(DEMO_VENV)/bin/python -u scripts/demo.py
 
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -49,7 +65,7 @@ bench: $(VENV_STAMP) $(APT_STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .mypy_cache .ruff_cache
 
 # OCI archive dist/spegel-node-image.tar from Debian packages and our wheel, without Docker.
 image: $(VENV_STAMP) $(APT_STAMP)

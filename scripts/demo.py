@@ -60,7 +60,9 @@ def spegel_node_binary() -> str:
             return str(candidate)
     found = shutil.which("spegel-node")
     if found is None:
-        raise SystemExit("demo: no spegel-node console script; run `make demo` (it builds .venv)")
+        raise SystemExit(
+            "demo: no spegel-node console script; run `make demo` (it builds .venv-demo)"
+        )
     return found
 
 

@@ -9,15 +9,16 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from spegel_node import fsutil, gate, hostsdir, state
 from spegel_node.errors import Refused, SpegelNodeError
 from spegel_node.flavors import FALLBACK_HOSTS_DIR
+from spegel_node.flavors import flavor as flavor_record
 from spegel_node.gate import ProbeResult
-from spegel_node.hostsdir_rules import HOSTS_TOML, MAX_HOSTS_TOML
+from spegel_node.hostsdir_rules import DEFAULT_DIR, HOSTS_TOML, MAX_HOSTS_TOML
 from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
@@ -25,6 +26,7 @@ from spegel_node.node import STATE_DIR, Node
 from spegel_node.nodeip import resolve_node_ip
 from spegel_node.plan import HostsChange, Plan, plan_apply, plan_remove
 from spegel_node.record import GateState, Record
+from spegel_node.registry import registry_for_host
 from spegel_node.settings import Settings
 
 
@@ -61,6 +63,36 @@ def _layout_warnings(layout: Layout, hosts_dir: str) -> tuple[str, ...]:
     return (
         f"containerd on this node does not set config_path, so it will not read {hosts_dir} "
         "until it does; run `spegel-node doctor` for the exact setting",
+    )
+
+
+def regenerated_warnings(
+    node: Node, layout: Layout, plan: Plan, mirror_urls: Sequence[str]
+) -> tuple[str, ...]:
+    """One line per dir this plan writes that k3s/RKE2 regenerate from registries.yaml at every
+    start without the Spegel mirror (doctor's k3s.registries_yaml check, same rules)."""
+    if not flavor_record(layout.flavor).registries_yaml:
+        return ()
+    from spegel_node.doctor.checks.distro import registries_yaml_path, registries_yaml_rewrites
+
+    source = registries_yaml_path(layout.flavor)
+    try:
+        text = node.path(source).read_bytes().decode("utf-8", "replace")
+    except OSError:  # none (k3s then leaves the hosts dir alone), or unreadable: doctor says
+        return ()
+    dirs: dict[str, str] = {}  # registries.yaml name -> hosts dir entry
+    for change in plan.changes:
+        if change.action in ("create", "update"):  # the Spegel mirror goes in
+            name = (
+                "*" if change.dir_name == DEFAULT_DIR else registry_for_host(change.dir_name).host
+            )
+            dirs.setdefault(name, change.dir_name)
+    rewritten, _ = registries_yaml_rewrites(text, list(dirs), mirror_urls)
+    return tuple(
+        f"{layout.flavor} regenerates {plan.hosts_dir}/{dirs[name]} from {source} at every "
+        "start, dropping the Spegel mirror: name Spegel first there or keep the repair units on "
+        "(`spegel-node doctor`, check k3s.registries_yaml, shows how)"
+        for name in rewritten
     )
 
 
@@ -156,7 +188,11 @@ def apply_mirrors(
                         files.pop(key, None)
                 _save(node, new_record.with_files(files))
             plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
-    warnings = (*_layout_warnings(layout, hosts_dir), *skipped)
+    warnings = (
+        *_layout_warnings(layout, hosts_dir),
+        *regenerated_warnings(node, layout, plan, urls),
+        *skipped,
+    )
     return Outcome("apply", plan, dry_run, urls, gate_state, probe, warnings)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from spegel_node import __version__
-from spegel_node.errors import BadInput, SpegelNodeError
+from spegel_node.errors import BadInput, NeedsRoot, SpegelNodeError, denied_to_non_root
 from spegel_node.node import Node
 
 if TYPE_CHECKING:
@@ -127,7 +127,12 @@ def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Call
         def run(**kwargs: Any) -> int:
             _inherit_common(kwargs)
             common = _common(*(kwargs.pop(p.name) for p in _COMMON_OPTIONS))
-            return command(common, **kwargs)
+            try:
+                return command(common, **kwargs)
+            except OSError as e:
+                if denied_to_non_root(e):  # one line naming the node path, not a traceback
+                    raise NeedsRoot([common.node.display(e.filename or "")]) from e
+                raise
 
         params = [*own, *_COMMON_OPTIONS]
         run.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
@@ -416,16 +421,27 @@ def helm_values_command(
     """Print the Spegel chart values for this node.
 
     YAML by default, JSON with --output json. containerdMirrorAdd is false: spegel-node owns
-    the hosts dir, so Spegel's init container must not rewrite it.
+    the hosts dir, so Spegel's init container must not rewrite it. Exit 0; when no containerd
+    layout is found, the values for containerd's default paths, with a warning.
 
     Examples:
 
       spegel-node helm-values > spegel-values.yaml
     """
-    from spegel_node.helm_values import helm_values, to_yaml
+    from spegel_node.helm_values import fallback_layout, helm_values, to_yaml
+    from spegel_node.layout import NoLayout
     from spegel_node.output import print_json
+    from spegel_node.settings import load_settings
 
-    settings, layout = _settings_and_layout(common)
+    try:
+        settings, layout = _settings_and_layout(common)
+    except NoLayout as e:  # SPEC: exit 0; plain containerd's default paths, and say so
+        settings = load_settings(common.node, common.config, common.overrides)
+        layout = fallback_layout(settings)
+        print(
+            f"spegel-node: warning: {e}; printed the values for containerd's default paths",
+            file=sys.stderr,
+        )
     values = helm_values(layout, settings)
     if common.output == "json":
         print_json(values)
@@ -558,9 +574,9 @@ def configure_containerd_command(
     Plain containerd and kind: edits the config file in place, keeping everything else (or
     creates it); on containerd 1.x the keys go into the last file that sets a CRI table, since
     such a file replaces the table of earlier ones. k0s: writes the drop-in
-    /etc/k0s/containerd.d/spegel-node.toml. Refuses (exit 1) on Talos and Bottlerocket (prints
-    what to set instead), on k3s, RKE2, MicroK8s and EKS (they set config_path themselves) and
-    when registry.mirrors is set. Writes nothing when already right. containerd reads its
+    /etc/k0s/containerd.d/spegel-node.toml. Nothing to do (exit 0, says why) on k3s, RKE2 and
+    MicroK8s (they set config_path themselves). Refuses (exit 1) on Talos, Bottlerocket and EKS
+    (prints what to set instead) and when registry.mirrors is set. Writes nothing when already right. containerd reads its
     config only at start: restart it when the result says restart_required.
 
     Examples:
@@ -570,18 +586,27 @@ def configure_containerd_command(
       spegel-node configure-containerd --output json && systemctl restart containerd
     """
     from spegel_node.apply import hosts_dir_of, mirror_hosts
-    from spegel_node.containerd_setup import configure_containerd, setup_report
+    from spegel_node.containerd_setup import (
+        NothingToConfigure,
+        configure_containerd,
+        nothing_to_configure_report,
+        setup_report,
+    )
 
     settings, layout = _settings_and_layout(common)
     urls = [m.url for m in mirror_hosts(settings)] if layout.distro_owned else []
-    outcome = configure_containerd(
-        common.node,
-        layout,
-        hosts_dir_of(layout),
-        override=settings.hosts_dir,
-        mirror_urls=urls,
-        dry_run=dry_run,
-    )
+    try:
+        outcome = configure_containerd(
+            common.node,
+            layout,
+            hosts_dir_of(layout),
+            override=settings.hosts_dir,
+            mirror_urls=urls,
+            dry_run=dry_run,
+        )
+    except NothingToConfigure as e:  # k3s, RKE2, MicroK8s set it themselves: nothing to do
+        nothing_to_configure_report(e, layout.flavor, dry_run, common.output)
+        return 0
     setup_report(outcome, common.output)
     return 0
 

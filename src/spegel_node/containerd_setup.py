@@ -132,6 +132,35 @@ class SetupOutcome:
 # --- refusals ------------------------------------------------------------------------------------
 
 
+class NothingToConfigure(Refused):
+    """The distro already sets what configure-containerd would: nothing to do, exit 0 (SPEC:
+    "0 done or nothing to do"). The CLI reports it with `nothing_to_configure_report`."""
+
+
+def nothing_to_configure_report(
+    reason: NothingToConfigure, flavor: str, dry_run: bool, output: str
+) -> None:
+    """The result for a node with nothing to configure: JSON with the usual keys, or one line."""
+    from spegel_node.output import print_json
+
+    if output == "json":
+        print_json(
+            {
+                "changed": False,
+                "path": None,
+                "restart_required": False,
+                "dry_run": dry_run,
+                "flavor": flavor,
+                "nothing_to_do": True,
+                "restart_reason": "",
+                "diff": "",
+                "notes": [str(reason)],
+            }
+        )
+    else:
+        print(str(reason))
+
+
 def _refusal(layout: Layout, hosts_dir: str, mirror_urls: Sequence[str]) -> Refused | None:
     record = flavor_record(layout.flavor)
     config = layout.containerd_config or record.config
@@ -151,14 +180,14 @@ def _refusal(layout: Layout, hosts_dir: str, mirror_urls: Sequence[str]) -> Refu
             + bottlerocket_settings((), mirror_urls).rstrip("\n")
         )
     if via == "rancher-template":
-        return Refused(
+        return NothingToConfigure(
             f"{record.name} generates {config} at every start and already sets config_path to "
             f"{hosts_dir} (discard_unpacked_layers is false unless you changed its template); "
             f"nothing to configure: leave configure-containerd off for {record.name} nodes "
             "(Ansible: spegel_node_configure_containerd: false)"
         )
     if via == "microk8s-template":
-        return Refused(
+        return NothingToConfigure(
             f"{record.display} already sets config_path to {hosts_dir} in {config}; nothing to "
             f"configure: leave configure-containerd off for {record.display} nodes"
         )

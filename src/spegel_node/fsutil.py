@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from spegel_node.errors import Refused
+from spegel_node.errors import Refused, denied_to_non_root, needs_root_hint
 
 TMP_PREFIX = ".spegel-node-tmp-"
 FILE_MODE = 0o644
@@ -33,6 +33,8 @@ def refuse_os_error(err: OSError, what: str) -> Refused:
         errno.ENOTDIR: "is not a directory",
         errno.EISDIR: "is a directory",
     }.get(err.errno or 0, err.strerror or str(err))
+    if denied_to_non_root(err):
+        return Refused(f"cannot {what}: {reason}: {needs_root_hint()}")
     return Refused(f"cannot {what}: {reason}")
 
 

@@ -7,7 +7,30 @@ from typing import Any
 
 from spegel_node.flavors import FALLBACK_HOSTS_DIR
 from spegel_node.layout import Layout
-from spegel_node.settings import Settings
+from spegel_node.settings import NODE_IP_PLACEHOLDER, Settings
+
+
+def fallback_layout(settings: Settings) -> Layout:
+    """Plain containerd's default paths (and the overrides), for a node with no layout found."""
+    import posixpath
+
+    from spegel_node.containerd_config import CONTENT_PLUGIN
+    from spegel_node.flavors import flavor as flavor_record
+
+    plain = flavor_record("containerd")
+    hosts_dir = settings.hosts_dir or FALLBACK_HOSTS_DIR
+    return Layout(
+        flavor="containerd",
+        containerd_socket=settings.containerd_socket or plain.socket,
+        containerd_config=settings.containerd_config or plain.config,
+        hosts_dir=hosts_dir,
+        hosts_dirs=(hosts_dir,),
+        config_path_set=False,
+        content_dir=posixpath.join(plain.root, CONTENT_PLUGIN),
+        distro_owned=False,
+        evidence=("no containerd layout found: containerd's default paths",),
+        config=None,
+    )
 
 
 def helm_values(layout: Layout, settings: Settings) -> dict[str, Any]:
@@ -21,7 +44,10 @@ def helm_values(layout: Layout, settings: Settings) -> dict[str, Any]:
         "resolveTags": settings.resolve_tags,
     }
     if settings.extra_mirrors:
-        spegel["additionalMirrorTargets"] = list(settings.extra_mirrors)
+        # the chart puts them in the pod's args, where Kubernetes expands $(NODE_IP)
+        spegel["additionalMirrorTargets"] = [
+            m.replace(NODE_IP_PLACEHOLDER, "$(NODE_IP)") for m in settings.extra_mirrors
+        ]
     return {"spegel": spegel, "service": {"registry": {"hostPort": settings.host_port}}}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from spegel_node import tomlload
-from spegel_node.errors import BadInput
+from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.godur import GO_DURATION, GO_MAX_NS, duration_ns, go_duration_seconds
 from spegel_node.node import DEFAULT_SETTINGS_PATH, Node
 from spegel_node.registry import Registry, parse_mirror_url, parse_registry
@@ -46,13 +46,45 @@ class Settings:
         return ("pull", "resolve") if self.resolve_tags else ("pull",)
 
     def mirror_url(self, node_ip: str) -> str:
-        host = f"[{node_ip}]" if ":" in node_ip else node_ip
-        return f"http://{host}:{self.host_port}"
+        return f"http://{url_host(node_ip)}:{self.host_port}"
 
     def mirror_urls(self, node_ip: str) -> tuple[str, ...]:
-        """The Spegel mirror URLs in the order hosts.toml lists them."""
+        """The Spegel mirror URLs in the order hosts.toml lists them ({node_ip} filled in)."""
         first = self.mirror_url(node_ip)
-        return (first, *(m for m in self.extra_mirrors if m != first))
+        extra = (m.replace(NODE_IP_PLACEHOLDER, url_host(node_ip)) for m in self.extra_mirrors)
+        return (first, *(m for m in extra if m != first))
+
+
+NODE_IP_PLACEHOLDER = "{node_ip}"  # in extra_mirrors: the node IP the mirror URL uses
+_PLACEHOLDER_HOST = "node-ip.spegel-node.invalid"  # stands in for it while the URL is checked
+
+
+def url_host(ip: str) -> str:
+    """An IP as a URL's host: IPv6 in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def parse_extra_mirror(raw: object) -> str:
+    """A mirror URL whose host may be `{node_ip}` (kept as the placeholder, filled in per node)."""
+    if not isinstance(raw, str) or NODE_IP_PLACEHOLDER not in raw:
+        if isinstance(raw, str) and "NODE_IP" in raw:
+            raise BadInput(
+                f"invalid mirror URL {raw!r} in extra_mirrors: write the node's address as "
+                f'{NODE_IP_PLACEHOLDER}, e.g. "http://{NODE_IP_PLACEHOLDER}:30021"'
+            )
+        return parse_mirror_url(raw)
+    text = raw.replace(f"[{NODE_IP_PLACEHOLDER}]", NODE_IP_PLACEHOLDER)
+    try:
+        url = parse_mirror_url(text.replace(NODE_IP_PLACEHOLDER, _PLACEHOLDER_HOST))
+    except BadInput as e:
+        raise BadInput(str(e).replace(_PLACEHOLDER_HOST, NODE_IP_PLACEHOLDER)) from e
+    host_port = url.split("://", 1)[1]
+    if host_port != _PLACEHOLDER_HOST and not host_port.startswith(_PLACEHOLDER_HOST + ":"):
+        raise BadInput(
+            f"invalid mirror URL {raw!r} in extra_mirrors: {NODE_IP_PLACEHOLDER} must be the "
+            f'whole host, e.g. "http://{NODE_IP_PLACEHOLDER}:30021"'
+        )
+    return url.replace(_PLACEHOLDER_HOST, NODE_IP_PLACEHOLDER)
 
 
 _FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -117,7 +149,7 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
             ) from e
 
     extra = data.get("extra_mirrors", [])
-    extra_mirrors = tuple(parse_mirror_url(m) for m in extra)
+    extra_mirrors = tuple(parse_extra_mirror(m) for m in extra)
 
     dial_timeout = data.get("dial_timeout", "200ms")
     ns = duration_ns(dial_timeout) if isinstance(dial_timeout, str) else None
@@ -153,6 +185,12 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     )
 
 
+def _unreadable_config(source: str, err: OSError) -> BadInput:
+    """SPEC: an unreadable config is bad input (exit 2); a non-root run is told it needs root."""
+    hint = f": {needs_root_hint()}" if denied_to_non_root(err) else ""
+    return BadInput(f"cannot read config file {source}: {err.strerror}{hint}")
+
+
 def load_settings(
     node: Node, config: Path | None = None, overrides: dict[str, str | None] | None = None
 ) -> Settings:
@@ -163,14 +201,18 @@ def load_settings(
     path = config if config is not None else node.path(DEFAULT_SETTINGS_PATH)
     data: dict[str, Any] = {}
     source = "defaults"
-    if config is not None or path.exists():
+    try:
+        present = config is not None or path.exists()
+    except OSError as e:  # the default's dir may not be searched: as unreadable as the file
+        raise _unreadable_config(DEFAULT_SETTINGS_PATH, e) from e
+    if present:
         source = str(config) if config is not None else DEFAULT_SETTINGS_PATH
         try:
             raw = path.read_bytes()
         except FileNotFoundError as e:
             raise BadInput(f"config file {source} does not exist") from e
         except OSError as e:
-            raise BadInput(f"cannot read config file {source}: {e.strerror}") from e
+            raise _unreadable_config(source, e) from e
         try:
             data = tomlload.loads(raw)
         except tomlload.LoadError as e:

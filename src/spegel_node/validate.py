@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spegel_node.errors import BadInput
+from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.godur import GO_DURATION
 from spegel_node.hostsdir_rules import DEFAULT_DIR, shadowed_by
 from spegel_node.hoststoml import redact_text, redact_url, table_header_path
@@ -146,6 +146,8 @@ def validate_file(
         data = _read_capped(path)
     except OSError as e:
         reason = e.strerror or type(e).__name__
+        if denied_to_non_root(e):
+            reason += f": {needs_root_hint()}"
         return [Finding(display_path, None, ERROR, "file.unreadable", f"cannot read: {reason}")]
     if data is None:
         return [_too_large(display_path)]
@@ -198,6 +200,8 @@ def validate_hosts_dir(
         dirs = sorted(p for p in hosts_dir.iterdir() if p.is_dir() and p.name != BACKUP_DIR)
     except OSError as e:
         reason = e.strerror or type(e).__name__
+        if denied_to_non_root(e):
+            reason += f": {needs_root_hint()}"
         return [
             Finding(display(hosts_dir), None, ERROR, "dir.unreadable", f"cannot list: {reason}")
         ]

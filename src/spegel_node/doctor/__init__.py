@@ -7,6 +7,7 @@ Spegel answering, as independent checks with stable ids (docs/checks.md lists th
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,8 @@ from spegel_node.doctor.imageref import parse_image_ref
 from spegel_node.doctor.promtext import render_textfile, write_textfile
 from spegel_node.doctor.render import print_report
 from spegel_node.doctor.runner import Run, build_and_run, run_checks
-from spegel_node.errors import BadInput
-from spegel_node.node import Node
+from spegel_node.errors import BadInput, NeedsRoot
+from spegel_node.node import STATE_DIR, Node
 from spegel_node.settings import load_settings
 
 __all__ = ["Facts", "Run", "Timeouts", "build_checks", "diagnose", "run_checks", "run_doctor"]
@@ -31,6 +32,17 @@ def diagnose(facts: Facts) -> Run:
     layout = LayoutDetected()
     first = (layout.id, layout.area)
     return build_and_run(build_checks, facts, facts.timeouts.deadline_s, first=first)
+
+
+def _unreadable_dirs(facts: Facts) -> list[str]:
+    """The hosts dir and the state dir, when they exist and this user may not list them (the
+    checks would each report it)."""
+    found = []
+    for path in (facts.hosts_dir, STATE_DIR):
+        real = facts.node.path(path)
+        if os.path.isdir(real) and not os.access(real, os.R_OK | os.X_OK):
+            found.append(path)
+    return found
 
 
 def run_doctor(
@@ -48,8 +60,18 @@ def run_doctor(
         raise BadInput(f"--textfile {textfile}: directory {textfile.parent} does not exist")
     settings = load_settings(node, config, overrides)  # BadInput: exit 2, nothing run
     ref = parse_image_ref(image) if image is not None else None
-    facts = Facts(node, settings, image=ref)
+    options = [("--config", str(config.absolute()))] if config is not None else []
+    options += [("--" + key.replace("_", "-"), v) for key, v in overrides.items() if v]
+    facts = Facts(node, settings, image=ref, command_options=options)
     run = diagnose(facts)
+    denied = list(run.denied)
+    if os.geteuid() != 0:
+        socket = facts.socket if facts.layout is not None else None
+        if socket is not None and socket.state == "denied" and facts.layout is not None:
+            denied.insert(0, facts.layout.containerd_socket)
+        denied += _unreadable_dirs(facts)
+    if denied:  # a non-root run: say it once instead of a report of crashed checks
+        raise NeedsRoot(denied)
     print_report(run, facts.flavor, facts.mirror_url, output, stream or sys.stdout)
     if textfile is not None:
         write_textfile(textfile, render_textfile(run.results, run.duration_s, time.time(), run.ok))

@@ -113,8 +113,12 @@ class Facts:
         crictl_binaries: Sequence[str] | None = None,
         processes: Sequence[ContainerdProcess] | None = None,
         now: Callable[[], float] = time.time,
+        command_options: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.node = node
+        # (flag, value) doctor was given besides --root (--config, --hosts-dir, ...): the fix
+        # commands doctor prints repeat them (remedy.cli_command)
+        self.command_options = tuple(command_options)
         self.settings = settings
         self.image = image
         self.live = node.is_live if live is None else live

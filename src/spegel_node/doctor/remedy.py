@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import posixpath
+import shlex
 from typing import TYPE_CHECKING
 
 from spegel_node.containerd_config import config_snippet
 from spegel_node.flavors import DEFAULT_RESTART
 from spegel_node.flavors import flavor as flavor_record
 from spegel_node.instructions import bottlerocket_settings, distro_owned_message
+from spegel_node.node import DEFAULT_SETTINGS_PATH
 from spegel_node.output import indent
 
 if TYPE_CHECKING:
@@ -32,19 +34,40 @@ def restart_only(flavor: str | None) -> str:
     return restart_command(flavor).split("#", 1)[0].rstrip()
 
 
+def cli_command(facts: Facts, args: str, *, sudo: bool = False) -> str:
+    """`spegel-node ARGS` with the --root, --config and layout overrides doctor was run with,
+    so the fix acts on the node and config doctor diagnosed. Every spegel-node command doctor
+    prints is made here. An option ARGS already names is not repeated."""
+    words = args.split()
+    options: list[tuple[str, str]] = []
+    if str(facts.node.root) != "/":
+        options.append(("--root", str(facts.node.root)))
+    options += [(flag, value) for flag, value in facts.command_options if flag not in words]
+    tail = "".join(f" {flag} {shlex.quote(value)}" for flag, value in options)
+    return f"{'sudo ' if sudo else ''}spegel-node {args}{tail}"
+
+
+def config_file(facts: Facts) -> str:
+    """The config file doctor read (the --config given, else the default), for "set X in ..."."""
+    given = [value for flag, value in facts.command_options if flag == "--config"]
+    return given[-1] if given else DEFAULT_SETTINGS_PATH
+
+
 def apply_command(facts: Facts) -> str:
-    """`spegel-node apply`, with --root when doctor was given one."""
-    return _with_root(APPLY, facts)
+    """`spegel-node apply`, with the options doctor was given (cli_command)."""
+    return cli_command(facts, "apply")
 
 
 def configure_command(facts: Facts) -> str:
-    return _with_root("spegel-node configure-containerd", facts)
+    return cli_command(facts, "configure-containerd")
+
+
+def install_units_command(facts: Facts) -> str:
+    return f"{cli_command(facts, 'install-units', sudo=True)} && sudo systemctl daemon-reload"
 
 
 def _with_root(command: str, facts: Facts) -> str:
-    if str(facts.node.root) != "/":
-        return f"{command} --root {facts.node.root}"
-    return command
+    return cli_command(facts, command.removeprefix("spegel-node "))
 
 
 def _snippet_version(facts: Facts, *, needs_v3: bool) -> int:
@@ -166,3 +189,12 @@ def mirrors_fix(facts: Facts) -> str:
     if flavor_record(facts.flavor).distro_owned:
         return distro_owned_message(facts.flavor, facts.settings.registries, facts.mirror_urls)
     return f"run `{apply_command(facts)}` (it puts the Spegel mirror first and keeps the rest)"
+
+
+def gate_fix(facts: Facts) -> str:
+    """What to do while the health gate has withdrawn the mirror."""
+    return (
+        "make Spegel answer again (see spegel.v2); the next "
+        f"`{apply_command(facts)}` (the repair timer runs it) puts the mirror back as soon as "
+        "/v2/ answers"
+    )

@@ -10,10 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult, Status
+from spegel_node.doctor.remedy import cli_command
+from spegel_node.errors import denied_to_non_root
 from spegel_node.hoststoml import redact_text
 
 HANG_FIX = (
@@ -27,6 +29,8 @@ BUG_FIX = "this is a bug in spegel-node: please report it with the output of `sp
 class Run:
     results: tuple[CheckResult, ...]
     duration_s: float
+    # node paths a non-root run could not read (doctor then says once that it needs root)
+    denied: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def ok(self) -> bool:
@@ -36,19 +40,25 @@ class Run:
         return sum(r.status is status for r in self.results)
 
 
-def _run_one(check: Check, facts: Facts) -> CheckResult:
+def _run_one(check: Check, facts: Facts, denied: list[str] | None = None) -> CheckResult:
     started = time.monotonic()
     try:
         result = check.run(facts)
     except Exception as e:  # one check's crash is its own result, never the end of the run
-        result = _crashed(check.id, check.area, e)
+        if denied is not None and denied_to_non_root(e):
+            assert isinstance(e, OSError)
+            denied.append(facts.node.display(e.filename or ""))
+        result = _crashed(check.id, check.area, e, facts)
     return replace(result, duration_s=round(time.monotonic() - started, 4))
 
 
-def _crashed(check_id: str, area: str, e: Exception) -> CheckResult:
+def _crashed(check_id: str, area: str, e: Exception, facts: Facts) -> CheckResult:
     message = redact_text(" ".join(str(e).split()))[:300]
+    fix = BUG_FIX.replace(
+        "spegel-node doctor --output json", cli_command(facts, "doctor --output json")
+    )
     return CheckResult(
-        check_id, area, Status.FAIL, f"check crashed: {type(e).__name__}: {message}", BUG_FIX
+        check_id, area, Status.FAIL, f"check crashed: {type(e).__name__}: {message}", fix
     )
 
 
@@ -81,18 +91,19 @@ def build_and_run(
         return Run((result,), round(time.monotonic() - started, 3))
     outcome = built[0]
     if isinstance(outcome, Exception):
-        return Run((_crashed(*first, outcome),), round(time.monotonic() - started, 3))
+        return Run((_crashed(*first, outcome, facts),), round(time.monotonic() - started, 3))
     run = run_checks(outcome, facts, max(0.1, deadline_s - (time.monotonic() - started)))
-    return Run(run.results, round(time.monotonic() - started, 3))
+    return Run(run.results, round(time.monotonic() - started, 3), run.denied)
 
 
 def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
     started = time.monotonic()
     results: list[CheckResult | None] = [None] * len(checks)
     done = threading.Condition()
+    denied: list[str] = []
 
     def work(index: int, check: Check) -> None:
-        result = _run_one(check, facts)
+        result = _run_one(check, facts, denied)
         with done:
             results[index] = result
             done.notify_all()
@@ -121,4 +132,4 @@ def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
             )
             for r, check in zip(results, checks, strict=True)
         ]
-    return Run(tuple(final), round(time.monotonic() - started, 3))
+        return Run(tuple(final), round(time.monotonic() - started, 3), tuple(denied))

@@ -9,10 +9,16 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from spegel_node.doctor.checks.hosts import GATE_FIX
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
-from spegel_node.doctor.remedy import ENABLE_TIMER, INSTALL_UNITS, TIMER_UNITS, apply_command
+from spegel_node.doctor.remedy import (
+    ENABLE_TIMER,
+    TIMER_UNITS,
+    apply_command,
+    cli_command,
+    gate_fix,
+    install_units_command,
+)
 from spegel_node.flavors import flavor as flavor_record
 from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import HostsTomlError, host_urls, mirror_key
@@ -80,7 +86,7 @@ class AgentDrift(Check):
         if record.hosts_dir and record.hosts_dir != hosts_dir:
             return self.warn(
                 f"the last apply wrote under {record.hosts_dir}, but the hosts dir is now {hosts_dir}",
-                f"spegel-node remove --hosts-dir {record.hosts_dir} && {apply}",
+                f"{cli_command(facts, f'remove --hosts-dir {record.hosts_dir}')} && {apply}",
             )
         wanted = {mirror_key(u) for u in facts.mirror_urls}
         withdrawn = record.gate.withdrawn
@@ -155,7 +161,7 @@ class AgentGate(Check):
             return self.warn(
                 f"the health gate has withdrawn Spegel from hosts.toml{since}, after "
                 f"{g.consecutive_failures} failed /v2/ probes{last}: pulls go upstream",
-                GATE_FIX,
+                gate_fix(facts),
             )
         if g.consecutive_failures:
             return self.warn(
@@ -192,7 +198,7 @@ class AgentTimer(Check):
         if not units.installed:
             return self.warn(
                 f"the repair units ({', '.join(TIMER_UNITS)}) are not installed: {why}",
-                f"{INSTALL_UNITS} && {ENABLE_TIMER}\n(the Ansible role does the same)",
+                f"{install_units_command(facts)} && {ENABLE_TIMER}\n(the Ansible role does the same)",
             )
         if not units.all_enabled:
             missing = [u for u in TIMER_UNITS if u not in units.enabled]

@@ -12,7 +12,13 @@ from typing import ClassVar
 from spegel_node.doctor.checks import no_layout
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
-from spegel_node.doctor.remedy import cri_fix, restart_command
+from spegel_node.doctor.remedy import (
+    apply_command,
+    cli_command,
+    config_file,
+    cri_fix,
+    restart_command,
+)
 from spegel_node.flavors import flavor as flavor_record
 
 LOCAL_PULL_SINCE = (2, 1, 0)
@@ -34,7 +40,7 @@ class ContainerdSocket(Check):
         restart = restart_command(layout.flavor)
         elsewhere = (
             "If containerd listens elsewhere, set containerd_socket in "
-            "/etc/spegel-node/config.toml (or --containerd-socket)."
+            f"{config_file(facts)} (or --containerd-socket)."
         )
         if answer.state == "ok":
             ms = answer.elapsed_s * 1000
@@ -166,8 +172,8 @@ class ConfigPath(Check):
                 f"config_path = {joined} ({roots.source}) does not include {hosts_dir}, "
                 "where spegel-node writes",
                 f'either point spegel-node at it: set hosts_dir = "{roots.roots[0]}" in '
-                f"/etc/spegel-node/config.toml, run `spegel-node remove --hosts-dir {hosts_dir}` "
-                "and `spegel-node apply`; or add the dir to config_path:\n"
+                f"{config_file(facts)}, run `{cli_command(facts, f'remove --hosts-dir {hosts_dir}')}` "
+                f"and `{apply_command(facts)}`; or add the dir to config_path:\n"
                 + cri_fix(facts, config_path=":".join((hosts_dir, *roots.roots))),
             )
         if setting.restart_pending:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from spegel_node.doctor.checks.agent import unit_state
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
-from spegel_node.doctor.remedy import ENABLE_TIMER, restart_command, restart_only
+from spegel_node.doctor.remedy import ENABLE_TIMER, cli_command, restart_command, restart_only
 from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import mirror_key
 
@@ -85,6 +86,27 @@ def registries_yaml_mirrors(text: str) -> dict[str, list[str]]:
     return mirrors
 
 
+def registries_yaml_rewrites(
+    text: str, names: Sequence[str], mirror_urls: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Of `names` (registry hosts, `*` for _default), the ones a k3s/RKE2 registries.yaml
+    `text` makes the distro regenerate at every start: (dropping Spegel, naming Spegel first)."""
+    mirrors = registries_yaml_mirrors(text)
+    wanted = {mirror_key(u) for u in mirror_urls}
+    rewritten: list[str] = []
+    served: list[str] = []
+    for name in names:
+        if name not in mirrors:
+            continue
+        endpoints = [mirror_key(e) for e in mirrors[name]]
+        (served if endpoints[:1] and endpoints[0] in wanted else rewritten).append(name)
+    return rewritten, served
+
+
+def registries_yaml_path(distro: str) -> str:
+    return f"/etc/rancher/{distro}/registries.yaml"
+
+
 @dataclass(frozen=True)
 class EmbeddedRegistry(Check):
     area: ClassVar[str] = "k3s"
@@ -117,7 +139,7 @@ class EmbeddedRegistry(Check):
         fix = (
             f"run one Spegel, not two: either remove `embedded-registry: true` from {where} and "
             f"restart ({restart_only(self.distro)}), or keep {self.distro}'s embedded Spegel "
-            "and uninstall the Spegel chart and spegel-node (`spegel-node remove`)"
+            f"and uninstall the Spegel chart and spegel-node (`{cli_command(facts, 'remove')}`)"
         )
         if facts.mirror_v2.status == 200:
             return self.fail(
@@ -143,23 +165,18 @@ class RegistriesYaml(Check):
         return "k3s.registries_yaml"
 
     def run(self, facts: Facts) -> CheckResult:
-        path = f"/etc/rancher/{self.distro}/registries.yaml"
+        path = registries_yaml_path(self.distro)
         try:
             raw = facts.read_file(path)
         except OSError as e:
             return self.warn(f"cannot read {path}: {e.strerror or e}", "run doctor as root")
         if raw is None:
             return self.passed(f"no {path}: {self.distro} leaves the hosts dir alone")
-        mirrors = registries_yaml_mirrors(raw.decode("utf-8", "replace"))
+        text = raw.decode("utf-8", "replace")
+        mirrors = registries_yaml_mirrors(text)
         wanted = {mirror_key(u) for u in facts.mirror_urls}
-        rewritten: list[str] = []
-        served: list[str] = []
-        for target in facts.hosts_targets():
-            name = "*" if target.name == DEFAULT_DIR else target.name
-            if name not in mirrors:
-                continue
-            endpoints = [mirror_key(e) for e in mirrors[name]]
-            (served if endpoints[:1] and endpoints[0] in wanted else rewritten).append(name)
+        targets = ["*" if t.name == DEFAULT_DIR else t.name for t in facts.hosts_targets()]
+        rewritten, served = registries_yaml_rewrites(text, targets, facts.mirror_urls)
         if not rewritten:
             if served:
                 return self.passed(

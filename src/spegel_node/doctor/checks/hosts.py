@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from spegel_node.doctor.checks import no_layout
 from spegel_node.doctor.facts import Facts, HostsTarget
 from spegel_node.doctor.model import Check, CheckResult, Status
-from spegel_node.doctor.remedy import apply_command, mirrors_fix
+from spegel_node.doctor.remedy import apply_command, cli_command, gate_fix, mirrors_fix
 from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import mirror_key, redact_url
 from spegel_node.registry import registry_for_host
@@ -75,7 +75,7 @@ class HostsRegistry(Check):
             where = ", ".join(roots.roots)
             if facts.gate_withdrawn:
                 return self.warn(
-                    f"no hosts.toml for {label} in {where}: {gate_note(facts)}", GATE_FIX
+                    f"no hosts.toml for {label} in {where}: {gate_note(facts)}", gate_fix(facts)
                 )
             return self.fail(
                 f"no directory for {label} in {where}: containerd pulls it straight from upstream",
@@ -119,7 +119,7 @@ class HostsRegistry(Check):
             return self.fail(
                 f"{path} is dropped by containerd: {first.code}{at}: {first.message}",
                 f"containerd ignores the whole file and pulls {label} straight from upstream. "
-                f"Fix it (`spegel-node validate {path}` lists every problem), then run "
+                f"Fix it (`{cli_command(facts, f'validate {path}')}` lists every problem), then run "
                 f"`{apply_command(facts)}`",
                 details,
             )
@@ -133,7 +133,7 @@ class HostsRegistry(Check):
         if position is None:
             if facts.gate_withdrawn:
                 return self.warn(
-                    f"{path} does not list Spegel: {gate_note(facts)}", GATE_FIX, details
+                    f"{path} does not list Spegel: {gate_note(facts)}", gate_fix(facts), details
                 )
             listed = ", ".join(redact_url(u) for u in urls) or "no mirror"
             return self.fail(
@@ -187,8 +187,12 @@ class HostsRegistry(Check):
                 )
             )
         for f in findings:
-            how = OLD_CONTAINERD_FIX if f.code == "dial_timeout.ignored" else VALIDATE_FIX
-            problems.append((f"{f.code}: {f.message}", how.format(path=path)))
+            how = (
+                OLD_CONTAINERD_FIX
+                if f.code == "dial_timeout.ignored"
+                else f"`{cli_command(facts, f'validate {path}')}` explains each warning"
+            )
+            problems.append((f"{f.code}: {f.message}", how))
         if facts.hosts_roots.read_by_containerd is False:
             problems.insert(
                 0,

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
+from spegel_node.doctor.remedy import config_file
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class LayoutDetected(Check):
                 "no containerd layout found on this node",
                 f"{facts.layout_error}\n"
                 "For a layout spegel-node does not know, set hosts_dir, containerd_socket and "
-                "containerd_config in /etc/spegel-node/config.toml (or pass --hosts-dir, "
+                f"containerd_config in {config_file(facts)} (or pass --hosts-dir, "
                 "--containerd-socket, --containerd-config).",
             )
         owned = " (the distro owns the hosts dir)" if layout.distro_owned else ""

@@ -14,6 +14,7 @@ from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.imageref import ImageRef
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.promtext import parse_samples
+from spegel_node.doctor.remedy import apply_command, cli_command, config_file
 
 CHART_HOST_PORT = 30020
 METRICS_PORT = 9090
@@ -83,7 +84,7 @@ class SpegelV2(Check):
             fix = f"check the Spegel pod on this node: {POD_HINT}"
         fix += (
             f"\nUntil it answers, the health gate withdraws the mirror after "
-            f"{facts.settings.gate_failures} failed probes (`spegel-node apply`, run by the "
+            f"{facts.settings.gate_failures} failed probes (`{apply_command(facts)}`, run by the "
             "repair timer)."
         )
         if port != CHART_HOST_PORT:
@@ -91,24 +92,24 @@ class SpegelV2(Check):
                 f"{_host_url(facts, CHART_HOST_PORT)}/v2/", timeout=facts.timeouts.hint_s
             )
             if hint.status == 200:
-                fix = port_30020_fix(port)
+                fix = port_30020_fix(port, facts)
         else:
             fix += "\n" + nodeport_note()
         return self.fail(summary, fix)
 
 
-def port_30020_fix(port: int) -> str:
+def port_30020_fix(port: int, facts: Facts) -> str:
     """Spegel answers on 30020, not on `port`: a 0.7.x chart's default hostPort, or the next
     chart's NodePort (it has no hostPort); the fix differs."""
     return (
         f"Spegel answers on port {CHART_HOST_PORT} instead of {port}. Which one is it ({PORTS_HINT}):\n"
         f"- a hostPort {CHART_HOST_PORT} in the ports (Spegel chart 0.7.x, where "
         f"{CHART_HOST_PORT} is the default hostPort): set service.registry.hostPort: {port} in "
-        f"the chart values (`spegel-node helm-values` prints them), or host_port = "
-        f"{CHART_HOST_PORT} in /etc/spegel-node/config.toml and run `spegel-node apply`;\n"
+        f"the chart values (`{cli_command(facts, 'helm-values')}` prints them), or host_port = "
+        f"{CHART_HOST_PORT} in {config_file(facts)} and run `{apply_command(facts)}`;\n"
         f"- no hostPort (Spegel's next chart, 0.8+, serves the mirror only as NodePort "
         f"{CHART_HOST_PORT} through kube-proxy): set host_port = {CHART_HOST_PORT} in "
-        "/etc/spegel-node/config.toml and run `spegel-node apply` (the NodePort answers while "
+        f"{config_file(facts)} and run `{apply_command(facts)}` (the NodePort answers while "
         "any Spegel pod is up, so the gate no longer sees this node's pod alone)"
     )
 
@@ -214,7 +215,7 @@ class SpegelMetrics(Check):
             return self.warn(
                 summary,
                 "no request found the image on a peer yet; pull an image on another node and "
-                "check again (spegel-node doctor --image REF)",
+                f"check again ({cli_command(facts, 'doctor --image REF')})",
                 details,
             )
         return self.passed(summary, details)
@@ -262,11 +263,15 @@ class SpegelImage(Check):
         if r.status == 404:
             fix = (
                 f"no node has it in its content store yet: pull it on another node (crictl pull "
-                f"{ref}) and ask again; if a node has it, check that node (spegel-node doctor "
-                "there: discard_unpacked_layers must be false, and its Spegel must be ready)"
+                f"{ref}) and ask again; if a node has it, check that node "
+                f"({cli_command(facts, 'doctor')} there: discard_unpacked_layers must be false, "
+                "and its Spegel must be ready)"
             )
             if not mirrored:
-                fix += f'\nand add "https://{ref.registry}" to registries, then `spegel-node apply`'
+                fix += (
+                    f'\nand add "https://{ref.registry}" to registries, then '
+                    f"`{apply_command(facts)}`"
+                )
             return self.fail(
                 f"no peer can serve {ref}: Spegel answered 404 for {shown}", fix, details
             )
