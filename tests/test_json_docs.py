@@ -178,7 +178,7 @@ def test_errors_print_no_json(capsys: pytest.CaptureFixture[str], tmp_path: Path
         (("detect", "--root", str(empty)), 1),
         (("apply", "--root", str(empty)), 1),
         (("apply", "--root", str(k3s)), 2),
-        (("helm-values", "--root", str(empty)), 1),
+        (("helm-values", "--root", str(k3s)), 2),
     ):
         result = run_cli(capsys, *argv, "-o", "json")
         assert result.code == code, (argv, result.err)
