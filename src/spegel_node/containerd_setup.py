@@ -126,6 +126,7 @@ class SetupOutcome:
             "restart_reason": self.restart_reason,
             "diff": plan.diff(),
             "notes": [*plan.notes, *self.notes],
+            "nothing_to_do": False,
         }
 
 
