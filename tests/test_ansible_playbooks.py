@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from support import nspawn
-from test_ansible_nspawn import parse_recap
+from test_ansible_nspawn import fleet_summary, parse_recap
 from test_ansible_role import ansible_env, need
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,14 +68,6 @@ def run_doctor_playbook(
     )  # fmt: skip
 
 
-def summary(output: str) -> list[str]:
-    """The lines of the one "Summarise the fleet" message."""
-    _, _, rest = output.partition("TASK [Summarise the fleet]")
-    body = rest[rest.index("{") : rest.index("\n}\n") + 2]
-    msg: list[str] = json.loads(body.split("=>", 1)[-1] if "=>" in body else body)["msg"]
-    return msg
-
-
 def test_doctor_playbook_summarises_every_node_and_changes_nothing(tmp_path: Path) -> None:
     nodes = {
         "node-a": fake_node(
@@ -119,7 +111,7 @@ def test_doctor_playbook_summarises_every_node_and_changes_nothing(tmp_path: Pat
     assert set(recap) == set(nodes)
     assert all(counts["changed"] == 0 for counts in recap.values()), recap
     assert out.count("TASK [Summarise the fleet]") == 1
-    lines = summary(proc.stdout)
+    lines = fleet_summary(proc.stdout)
     assert [line.split() for line in lines] == [
         ["node", "flavor", "failed", "warned", "ignored"],
         ["node-a", "k3s", "spegel.v2", "agent.timer", "-"],
@@ -144,7 +136,7 @@ def test_doctor_playbook_passes_on_a_healthy_fleet(tmp_path: Path) -> None:
     nodes = {f"node-{i}": fake_node(tmp_path, str(i), healthy, 0) for i in range(2)}
     proc = run_doctor_playbook(tmp_path, nodes)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert summary(proc.stdout)[-1] == "(no check failed or warned on any node)"
+    assert fleet_summary(proc.stdout)[-1] == "(no check failed or warned on any node)"
     assert all(c["changed"] == 0 and c["failed"] == 0 for c in parse_recap(proc.stdout).values())
 
 
