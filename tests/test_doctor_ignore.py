@@ -146,3 +146,27 @@ def test_known_ids_are_the_documented_ones() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "checks.md").read_text()
     documented = set(re.findall(r"^\| `([a-z0-9]+\.[a-z_0-9]+)`", doc, re.MULTILINE))
     assert documented - {"hosts.<registry>"} == set(KNOWN_IDS)
+
+
+def test_first_rollout_before_spegel_passes_with_spegel_v2_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the role meets before Spegel exists: apply's gate probes /v2/ in vain until it
+    withdraws the mirror; then spegel.v2 is the one failing check, and ignoring it passes."""
+    root = tmp_path / "node"
+    make_containerd(root, config_path=HOSTS)
+    write(
+        root,
+        "/etc/spegel-node/config.toml",
+        f'node_ip = "127.0.0.1"\nhost_port = {free_port()}\nregistries = ["https://docker.io"]\n'
+        "gate_failures = 1\n",
+    )
+    assert run_cli(capsys, "apply", "--root", str(root)).code == 0
+    with FakeContainerd(
+        root / "run/containerd/containerd.sock", version="2.0.7", config=cri_config(HOSTS)
+    ):
+        result, data = doctor_json(capsys, root)
+        assert result.code == 1 and failing(data) == ["spegel.v2"], data["checks"]
+        assert data["by_id"]["agent.gate"]["status"] == "warn"  # withdrawn, on purpose
+        result, data = doctor_json(capsys, root, "--ignore", "spegel.v2")
+        assert result.code == 0 and data["ok"] is True, result.err
