@@ -450,6 +450,16 @@ def test_rollout_playbook_on_two_nspawn_nodes(
         else:
             assert summary[-1] == "(no check failed or warned on any node)"
 
+        # playbooks/remove.yml --check: says what would go, touches nothing.
+        rolled_out = {node.name: snapshot(node.path(HOSTS_DIR)) for node in nodes}
+        _, recap_check = ansible.playbook("--check", playbook=REMOVE_PLAYBOOK)
+        for node in nodes:
+            assert recap_check[node.name]["changed"] > 0 and recap_check[node.name]["failed"] == 0
+            assert snapshot(node.path(HOSTS_DIR)) == rolled_out[node.name], node.name
+            for unit in UNITS:
+                assert node.systemctl("is-active", unit).stdout.strip() == "active", unit
+            assert node.path("/opt/spegel-node/bin/spegel-node").exists()
+
         # playbooks/remove.yml: every node as it was before the rollout.
         t0 = time.monotonic()
         out5, recap5 = ansible.playbook(playbook=REMOVE_PLAYBOOK)

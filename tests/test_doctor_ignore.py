@@ -170,3 +170,29 @@ def test_first_rollout_before_spegel_passes_with_spegel_v2_ignored(
         assert data["by_id"]["agent.gate"]["status"] == "warn"  # withdrawn, on purpose
         result, data = doctor_json(capsys, root, "--ignore", "spegel.v2")
         assert result.code == 0 and data["ok"] is True, result.err
+
+
+def test_rich_table_marks_ignored_checks(no_spegel: Path) -> None:
+    import io
+
+    from spegel_node.doctor import Facts, diagnose
+    from spegel_node.doctor.render import print_report
+    from spegel_node.doctor.runner import ignore_checks
+    from spegel_node.node import Node
+    from spegel_node.settings import load_settings
+
+    node = Node(no_spegel)
+    facts = Facts(node, load_settings(node))
+    run = ignore_checks(diagnose(facts), ["spegel.v2"])
+    assert run.ok and run.ignored == 1
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    print_report(run, facts.flavor, facts.mirror_url, "text", out)
+    text = out.getvalue()
+    assert "spegel.v2 (ignored)" in text  # in the table and above its fix
+    assert text.count("spegel.v2 (ignored)") == 2, text
+    assert "no issues found, 1 ignored (" in text
