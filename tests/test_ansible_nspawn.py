@@ -11,6 +11,14 @@ Proved here: the first run succeeds; a second run reports changed=0 on every nod
 --diff` passes with changed=0; the timer and path units are enabled and active; every mirrored
 registry's hosts.toml lists the mirror; containerd runs with config_path set; and a hosts.toml
 replaced by rename in one node is repaired by that node's own path unit.
+
+The first run uses the role as the built and installed collection (`ansible-galaxy collection
+build`, `install -p`, role `spegel_node.spegel_node.spegel_node`); the later runs the checkout's
+`playbooks/rollout.yml`, so run 2's changed=0 also shows the two are the same role. Then
+`playbooks/doctor.yml` prints one row per node and the counts, changed=0; `playbooks/remove.yml`
+leaves every node's hosts dir byte for byte as it was before the rollout (a person's own
+hosts.toml in it included), the units, venv, link, config and state gone; a second remove
+changes nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +40,43 @@ pytestmark = pytest.mark.nspawn
 
 REPO = Path(__file__).resolve().parents[1]
 PLAYBOOK = REPO / "ansible" / "playbooks" / "rollout.yml"
+DOCTOR_PLAYBOOK = REPO / "ansible" / "playbooks" / "doctor.yml"
+REMOVE_PLAYBOOK = REPO / "ansible" / "playbooks" / "remove.yml"
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+ANSIBLE_GALAXY = Path(sys.executable).parent / "ansible-galaxy"
+ROLE_FQCN = "spegel_node.spegel_node.spegel_node"
+# A person's own hosts.toml files, there before the rollout: one for a mirrored registry (apply
+# merges Spegel in), one for a registry spegel-node does not mirror (never touched).
+PERSONS_FILES = {
+    "docker.io/hosts.toml": (
+        '# mine: docker.io through the office cache\nserver = "https://registry-1.docker.io"\n\n'
+        '[host."https://cache.office.example:5000"]\n  capabilities = ["pull", "resolve"]\n'
+    ),
+    "quay.io/hosts.toml": 'server = "https://quay.io"\n',
+}
+# What the role puts on a node besides the hosts dir; all of it gone after remove.yml.
+ROLE_PATHS = (
+    "/opt/spegel-node",
+    "/usr/local/bin/spegel-node",
+    "/etc/spegel-node",
+    "/var/cache/spegel-node",
+    "/var/lib/spegel-node",
+    "/etc/systemd/system/spegel-node-repair.service",
+    "/etc/systemd/system/spegel-node-repair.timer",
+    "/etc/systemd/system/spegel-node-repair.path",
+    "/etc/systemd/system/timers.target.wants/spegel-node-repair.timer",
+    "/etc/systemd/system/paths.target.wants/spegel-node-repair.path",
+)
+FQCN_PLAYBOOK = f"""\
+- name: Roll out spegel-node with the collection's role
+  hosts: spegel_nodes
+  become: true
+  gather_facts: true
+  gather_subset: [min, network]
+  serial: 1
+  roles:
+    - role: {ROLE_FQCN}
+"""
 NODES = ("spegel-ans1", "spegel-ans2")
 HOST_PORT = 29999
 MIRROR = f"http://127.0.0.1:{HOST_PORT}"
@@ -83,6 +127,49 @@ def changed_tasks(output: str) -> list[str]:
 def recap_lines(output: str) -> list[str]:
     _, _, recap = output.rpartition("PLAY RECAP")
     return [line.strip() for line in recap.splitlines() if RECAP_LINE.match(line.strip())]
+
+
+def fleet_summary(output: str) -> list[str]:
+    """The lines of doctor.yml's one "Summarise the fleet" message."""
+    _, _, rest = output.partition("TASK [Summarise the fleet]")
+    body = rest[rest.index("{") : rest.index("\n}\n") + 2]
+    lines: list[str] = json.loads(body)["msg"]
+    return lines
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, bytes, int]]:
+    """Every entry under root: kind, bytes (files) or link target, and mode."""
+    found: dict[str, tuple[str, bytes, int]] = {}
+    if not root.exists():
+        return found
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            found[rel] = ("link", os.readlink(path).encode(), st.st_mode)
+        elif path.is_file():
+            found[rel] = ("file", path.read_bytes(), st.st_mode)
+        else:
+            found[rel] = ("dir", b"", st.st_mode)
+    return found
+
+
+def install_collection(tmp: Path, env: dict[str, str]) -> Path:
+    """`ansible-galaxy collection build` the checkout's ansible/ and install it under tmp."""
+    dist, dest = tmp / "dist", tmp / "collections"
+
+    def galaxy(*argv: str) -> None:
+        proc = subprocess.run(
+            [str(ANSIBLE_GALAXY), *argv], capture_output=True, text=True, timeout=120,
+            env=env, cwd=tmp, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    galaxy("collection", "build", str(REPO / "ansible"), "--output-path", str(dist))
+    (tarball,) = dist.glob("*.tar.gz")
+    galaxy("collection", "install", "-p", str(dest), str(tarball))
+    assert (dest / "ansible_collections/spegel_node/spegel_node/roles/spegel_node").is_dir()
+    return dest
 
 
 def test_parse_recap() -> None:
@@ -171,12 +258,17 @@ class Ansible:
             "ANSIBLE_FORCE_COLOR": "0",
             "ANSIBLE_STDOUT_CALLBACK": "default",
         }
+        self.env["ANSIBLE_COLLECTIONS_PATH"] = str(install_collection(tmp, self.env))
+        self.fqcn_playbook = tmp / "rollout-fqcn.yml"
+        self.fqcn_playbook.write_text(FQCN_PLAYBOOK)
         self.outputs: list[str] = []
 
-    def playbook(self, *args: str) -> tuple[str, dict[str, dict[str, int]]]:
+    def playbook(
+        self, *args: str, playbook: Path = PLAYBOOK
+    ) -> tuple[str, dict[str, dict[str, int]]]:
         argv = [
             str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), "-e", f"@{self.extra}",
-            *args, str(PLAYBOOK),
+            *args, str(playbook),
         ]  # fmt: skip
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT, env=self.env,
@@ -217,10 +309,21 @@ def test_rollout_playbook_on_two_nspawn_nodes(
         ansible = Ansible(tmp_path, nodes, wheels)
         # Before the role: Debian's containerd does not read any hosts dir.
         assert 'config_path = ""' in nodes[0].run("containerd", "config", "dump").stdout
+        # A person's own hosts.toml files; the hosts dir as it is before the rollout.
+        for node in nodes:
+            for rel, text in PERSONS_FILES.items():
+                path = node.path(f"{HOSTS_DIR}/{rel}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                path.chmod(0o640)
+            for role_path in ROLE_PATHS:
+                assert not os.path.lexists(node.path(role_path)), (node.name, role_path)
+        before = {node.name: snapshot(node.path(HOSTS_DIR)) for node in nodes}
 
-        # Run 1: installs and configures everything.
+        # Run 1, the role from the built and installed collection: installs and configures
+        # everything.
         t0 = time.monotonic()
-        out1, recap1 = ansible.playbook()
+        out1, recap1 = ansible.playbook(playbook=ansible.fqcn_playbook)
         timings["run1"] = time.monotonic() - t0
         assert set(recap1) == set(NODES), out1[-3000:]
         for name, counts in recap1.items():
@@ -306,7 +409,90 @@ def test_rollout_playbook_on_two_nspawn_nodes(
         assert "ghcr.io/hosts.toml" in journal, journal  # the repair run's report
         assert hosts_toml(node2, "https://ghcr.io") == other_before
 
-        for name, out in (("run1", out1), ("run2", out2), ("check", out3)):
+        # playbooks/doctor.yml: one summary, a row per node and the counts, changed=0.
+        expected_rows, counts = [], {}
+        for node in nodes:
+            result = json.loads(
+                node.run("spegel-node", "doctor", "--output", "json", check=False).stdout
+            )
+            ids = {
+                status: [c["id"] for c in result["checks"] if c["status"] == status]
+                for status in ("fail", "warn")
+            }
+            expected_rows.append(
+                [node.name, result["flavor"], ",".join(ids["fail"]) or "-",
+                 ",".join(ids["warn"]) or "-", "-"]
+            )  # fmt: skip
+            for status, found in ids.items():
+                for check_id in found:
+                    counts.setdefault(check_id, {"fail": 0, "warn": 0})[status] += 1
+        t0 = time.monotonic()
+        out4, recap4 = ansible.playbook(playbook=DOCTOR_PLAYBOOK)
+        timings["doctor_playbook"] = time.monotonic() - t0
+        assert set(recap4) == set(NODES)
+        for name, counts4 in recap4.items():
+            assert counts4["changed"] == 0 and counts4["failed"] == 0, (name, counts4)
+        assert out4.count("TASK [Summarise the fleet]") == 1
+        summary = fleet_summary(out4)
+        print("\n".join(summary))
+        assert [line.split() for line in summary[: len(nodes) + 1]] == [
+            ["node", "flavor", "failed", "warned", "ignored"],
+            *expected_rows,
+        ]
+        assert expected_rows[0][1] == "containerd"
+        assert summary[len(nodes) + 1] == ""
+        tail = [line.split() for line in summary[len(nodes) + 2 :]]
+        assert tail[0] == ["check", "failed", "warned"]
+        if counts:
+            assert tail[1:] == [
+                [check_id, str(n["fail"]), str(n["warn"])] for check_id, n in sorted(counts.items())
+            ]
+        else:
+            assert summary[-1] == "(no check failed or warned on any node)"
+
+        # playbooks/remove.yml --check: says what would go, touches nothing.
+        rolled_out = {node.name: snapshot(node.path(HOSTS_DIR)) for node in nodes}
+        _, recap_check = ansible.playbook("--check", playbook=REMOVE_PLAYBOOK)
+        for node in nodes:
+            assert recap_check[node.name]["changed"] > 0 and recap_check[node.name]["failed"] == 0
+            assert snapshot(node.path(HOSTS_DIR)) == rolled_out[node.name], node.name
+            for unit in UNITS:
+                assert node.systemctl("is-active", unit).stdout.strip() == "active", unit
+            assert node.path("/opt/spegel-node/bin/spegel-node").exists()
+
+        # playbooks/remove.yml: every node as it was before the rollout.
+        t0 = time.monotonic()
+        out5, recap5 = ansible.playbook(playbook=REMOVE_PLAYBOOK)
+        timings["remove_playbook"] = time.monotonic() - t0
+        for name, counts5 in recap5.items():
+            assert counts5["failed"] == 0 and counts5["changed"] > 0, (name, counts5)
+        for node in nodes:
+            after = snapshot(node.path(HOSTS_DIR))
+            expected = dict(before[node.name])
+            if node is node1:
+                # The file a "person" renamed in after the rollout is theirs: kept as written.
+                drift = after.pop("ghcr.io/hosts.toml", None)
+                after.pop("ghcr.io", None)
+                assert drift is not None and drift[1] == b'server = "https://ghcr.io"\n', drift
+            assert after == expected, (node.name, set(after) ^ set(expected))
+            for role_path in ROLE_PATHS:
+                assert not os.path.lexists(node.path(role_path)), (node.name, role_path)
+            listed = node.systemctl("list-unit-files", "--no-legend", "spegel-node*", check=False)
+            assert listed.stdout.strip() == "", listed.stdout
+            for unit in UNITS:
+                state = node.systemctl("is-active", unit, check=False).stdout.strip()
+                assert state == "inactive", (unit, state)
+            assert node.systemctl("is-active", "containerd").stdout.strip() == "active"
+        # A second remove: nothing left to do.
+        out6, recap6 = ansible.playbook(playbook=REMOVE_PLAYBOOK)
+        for name, counts6 in recap6.items():
+            assert counts6["changed"] == 0 and counts6["failed"] == 0, (
+                name, counts6, changed_tasks(out6),
+            )  # fmt: skip
+
+        runs = (("run1", out1), ("run2", out2), ("check", out3), ("doctor", out4),
+                ("remove", out5), ("remove2", out6))  # fmt: skip
+        for name, out in runs:
             for line in recap_lines(out):
                 print(f"{name}: {line}")
 

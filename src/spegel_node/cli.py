@@ -387,12 +387,21 @@ def doctor(
             "written atomically), for node_exporter's textfile collector.",
         ),
     ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore",
+            metavar="ID",
+            help="Still run and show this check, marked ignored, but never fail on it; "
+            "repeatable, shell-style globs allowed (e.g. 'spegel.*').",
+        ),
+    ] = None,
 ) -> int:
     """Say exactly what is wrong on this node, read-only.
 
     Diagnoses the whole chain: layout, containerd settings, hosts files, Spegel answering. Every check has a stable id (docs/checks.md), a status and, when not passing,
     what to change. Finishes within 5 s even when Spegel or containerd hangs. Exit 1 when a
-    check failed (warnings do not fail).
+    check failed (warnings and --ignore'd checks do not fail).
 
     Examples:
 
@@ -401,6 +410,8 @@ def doctor(
       spegel-node doctor --image ghcr.io/spegel-org/spegel:v0.7.4 --output json
 
       spegel-node doctor --textfile /var/lib/node_exporter/textfile/spegel_node.prom
+
+      spegel-node doctor --ignore spegel.v2   # first rollout, before Spegel runs
     """
     from spegel_node.doctor import run_doctor
 
@@ -411,6 +422,7 @@ def doctor(
         output=common.output,
         image=image,
         textfile=textfile,
+        ignore=ignore or (),
     )
 
 

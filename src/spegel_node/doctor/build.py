@@ -18,6 +18,28 @@ from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check
 from spegel_node.flavors import flavor as flavor_record
 
+# Every fixed check id, whichever node runs it (docs/checks.md). `hosts.<registry>` ids come from
+# the node's registries. `doctor --ignore` warns about a pattern that matches none of these
+# and none of the node's own ids (a typo), without refusing it.
+KNOWN_IDS = (
+    "layout.detected",
+    "containerd.socket",
+    "containerd.config",
+    "containerd.config_path",
+    "containerd.discard_unpacked_layers",
+    "containerd.local_image_pull",
+    "hosts.shadowing",
+    "spegel.v2",
+    "spegel.readyz",
+    "spegel.metrics",
+    "spegel.image",
+    "k3s.embedded_registry",
+    "k3s.registries_yaml",
+    "agent.drift",
+    "agent.gate",
+    "agent.timer",
+)
+
 
 def build_checks(facts: Facts) -> list[Check]:
     """One `hosts.<registry>` per mirrored registry, `spegel.image` with --image, `k3s.*` only

@@ -39,6 +39,7 @@ class CheckResult:
     remediation: str = ""  # what to change, pasteable; empty when the check passed
     details: tuple[str, ...] = ()  # more lines (findings, figures), never credentials
     duration_s: float = 0.0
+    ignored: bool = False  # `doctor --ignore`: still run and shown, never fails the run
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -49,6 +50,7 @@ class CheckResult:
             "remediation": self.remediation,
             "details": list(self.details),
             "duration_s": self.duration_s,
+            "ignored": self.ignored,
         }
 
 

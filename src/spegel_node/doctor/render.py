@@ -4,7 +4,10 @@ Plain lines:
     [✓] spegel.v2  http://10.0.0.5:29999/v2/ answered HTTP 200 in 2 ms
     [✗] containerd.config_path  config_path is not set ...
         add to /etc/containerd/config.toml ...
-    2 checks failed, 1 warning (17 checks in 0.41 s)
+    [✗] spegel.readyz (ignored)  ...
+    2 checks failed, 1 warning, 1 ignored (17 checks in 0.41 s)
+
+An ignored check (`--ignore`) keeps its status and is shown, marked, but is not counted.
 """
 
 from __future__ import annotations
@@ -20,14 +23,20 @@ def summary_line(run: Run) -> str:
     failed, warned = run.count(Status.FAIL), run.count(Status.WARN)
     total = len(run.results)
     tail = f"({total} checks in {run.duration_s:.2f} s)"
+    ignored = f", {run.ignored} ignored" if run.ignored else ""
     if not failed and not warned:
-        return f"no issues found {tail}"
+        return f"no issues found{ignored} {tail}"
     parts = []
     if failed:
         parts.append(f"{failed} check{'s' if failed != 1 else ''} failed")
     if warned:
         parts.append(f"{warned} warning{'s' if warned != 1 else ''}")
-    return f"{', '.join(parts)} {tail}"
+    return f"{', '.join(parts)}{ignored} {tail}"
+
+
+def label(r: CheckResult) -> str:
+    """The check's id as shown: `spegel.v2 (ignored)` when --ignore matched it."""
+    return f"{r.id} (ignored)" if r.ignored else r.id
 
 
 def to_json(run: Run, flavor: str | None, mirror_url: str) -> dict[str, Any]:
@@ -57,7 +66,7 @@ def print_report(
 def _plain(run: Run, title: str, out: TextIO) -> None:
     out.write(title + "\n")
     for r in run.results:
-        out.write(f"[{STATUS_SYMBOLS[r.status.value]}] {r.id}  {r.summary}\n")
+        out.write(f"[{STATUS_SYMBOLS[r.status.value]}] {label(r)}  {r.summary}\n")
         if r.status is Status.PASS:
             continue
         for line in r.details:
@@ -91,7 +100,7 @@ def _rich(run: Run, title: str, out: TextIO) -> None:
         if r.status is Status.PASS or not r.remediation:
             continue
         style = STATUS_STYLES[r.status.value]
-        console.print(Text(f"\n{STATUS_SYMBOLS[r.status.value]} {r.id}", style=f"bold {style}"))
+        console.print(Text(f"\n{STATUS_SYMBOLS[r.status.value]} {label(r)}", style=f"bold {style}"))
         console.print(Text(indent(r.remediation, "    ")), soft_wrap=True)
     style = "red" if not run.ok else ("yellow" if run.count(Status.WARN) else "green")
     console.print(Text("\n" + summary_line(run), style=style))
@@ -104,4 +113,4 @@ def _cells(r: CheckResult, text: Any) -> tuple[Any, Any, Any]:
     if r.status is not Status.PASS:
         for line in r.details:
             body.append("\n" + line, style="dim")
-    return symbol, text(r.id), body
+    return symbol, text(label(r), style="dim" if r.ignored else ""), body

@@ -7,9 +7,10 @@ becomes a `fail` "did not finish". Results come back in the checks' order, whate
 
 from __future__ import annotations
 
+import fnmatch
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from spegel_node.doctor.facts import Facts
@@ -34,10 +35,33 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        return all(r.status is not Status.FAIL for r in self.results)
+        """No check failed, ignored checks aside."""
+        return all(r.status is not Status.FAIL or r.ignored for r in self.results)
 
     def count(self, status: Status) -> int:
-        return sum(r.status is status for r in self.results)
+        """Checks with this status that count (ignored checks do not)."""
+        return sum(r.status is status and not r.ignored for r in self.results)
+
+    @property
+    def ignored(self) -> int:
+        return sum(r.ignored for r in self.results)
+
+
+def matches(check_id: str, pattern: str) -> bool:
+    """`--ignore` patterns: a check id or a shell-style glob (`spegel.*`), case-sensitive."""
+    return fnmatch.fnmatchcase(check_id, pattern)
+
+
+def ignore_checks(run: Run, patterns: Iterable[str]) -> Run:
+    """The same run with every result whose id matches one of `patterns` marked ignored."""
+    patterns = tuple(patterns)
+    if not patterns:
+        return run
+    results = tuple(
+        replace(r, ignored=True) if any(matches(r.id, p) for p in patterns) else r
+        for r in run.results
+    )
+    return replace(run, results=results)
 
 
 def _run_one(check: Check, facts: Facts, denied: list[str] | None = None) -> CheckResult:
