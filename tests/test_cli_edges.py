@@ -4,6 +4,8 @@ warning."""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from support.cli import run_cli, tree_state
 from support.fake_nodes import BUILDERS, RANCHER_GENERATED, make_containerd
 
@@ -27,9 +30,8 @@ PLAIN_CONFIG = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  c
 
 
 def _nobody_python() -> list[str]:
-    """A Python that uid 65534 may run, with this worktree's code and the venv's packages."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv (util-linux) to run as nobody")
+    """A Python that uid 65534 may run, with this checkout's code and the runtime packages."""
+    assert os.geteuid() == 0 and shutil.which("setpriv"), "run as root with util-linux's setpriv"
     minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for python in (os.path.realpath(sys.executable), f"/usr/bin/{minor}"):
         probe = subprocess.run(
@@ -41,17 +43,43 @@ def _nobody_python() -> list[str]:
         )
         if probe.returncode == 0:
             return [python, "-m", "spegel_node"]
-    pytest.skip(f"no {minor} that uid 65534 may run")
+    raise AssertionError(f"no {minor} that uid 65534 may run with {_nobody_env()['PYTHONPATH']}")
+
+
+def _runtime_packages(name: str = "spegel-node", seen: set[str] | None = None) -> set[str]:
+    """The distributions spegel-node needs at run time, recursively (extras left out)."""
+    seen = set() if seen is None else seen
+    for line in importlib.metadata.requires(name) or []:
+        requirement = Requirement(line)
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an extra, or another platform
+        if requirement.name.lower() not in seen:
+            seen.add(requirement.name.lower())
+            _runtime_packages(requirement.name, seen)
+    return seen
+
+
+@functools.lru_cache(maxsize=1)
+def _open_site() -> str:
+    """A copy of the code and its runtime packages where uid 65534 can read them (the venv and
+    the checkout may sit under a 0700 home)."""
+    site = Path(tempfile.mkdtemp(prefix=f"spegel-node-nobody-site-{os.getpid()}-"))
+    shutil.copytree(REPO / "src" / "spegel_node", site / "spegel_node")
+    for name in _runtime_packages():
+        dist = importlib.metadata.distribution(name)
+        for file in dist.files or []:
+            source = Path(str(dist.locate_file(file)))
+            if source.is_file() and not str(file).startswith(".."):
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, site / file)
+    for path in [site, *site.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    site.chmod(0o755)
+    return str(site)
 
 
 def _nobody_env() -> dict[str, str]:
-    site = [p for p in sys.path if p.endswith("site-packages")]
-    return {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *site]),
-        "NO_COLOR": "1",
-        "HOME": "/",
-    }
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": _open_site(), "NO_COLOR": "1", "HOME": "/"}
 
 
 @pytest.fixture
