@@ -51,24 +51,9 @@ _HEADER = """\
 # ({name}.d/*.conf), since this file is replaced.
 """
 
-SERVICE_TEMPLATE = """\
-[Unit]
-Description=spegel-node: keep the Spegel mirror first in containerd's hosts.toml
-After=network-online.target containerd.service
-Wants=network-online.target
-# The timer and the path unit start it; their own limits bound how often.
-StartLimitIntervalSec=0
-
-[Service]
-Type=oneshot
-ExecStart={exec_start}
-Environment=PYTHONDONTWRITEBYTECODE=1
-TimeoutStartSec=2min
-UMask=0022
-StateDirectory=spegel-node
-StateDirectoryMode=0700
-ProtectSystem=strict
-ReadWritePaths={read_write_paths}
+# Shared by every service (logrotate's and fwupd's units as the model): nothing but the paths
+# named in ReadWritePaths= is writable; no capabilities, no new privileges, no namespaces.
+HARDENING = """\
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
@@ -94,7 +79,27 @@ RemoveIPC=yes
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
-# @chown (back from @privileged): a replaced hosts.toml keeps its owner; root's files need no
+"""
+
+SERVICE_TEMPLATE = """\
+[Unit]
+Description=spegel-node: keep the Spegel mirror first in containerd's hosts.toml
+After=network-online.target containerd.service
+Wants=network-online.target
+# The timer and the path unit start it; their own limits bound how often.
+StartLimitIntervalSec=0
+
+[Service]
+Type=oneshot
+ExecStart={exec_start}
+Environment=PYTHONDONTWRITEBYTECODE=1
+TimeoutStartSec=2min
+UMask=0022
+StateDirectory=spegel-node
+StateDirectoryMode=0700
+ProtectSystem=strict
+ReadWritePaths={read_write_paths}
+{hardening}# @chown (back from @privileged): a replaced hosts.toml keeps its owner; root's files need no
 # capability for that. Files of other users would need CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE.
 SystemCallFilter=@chown
 SystemCallErrorNumber=EPERM
@@ -149,31 +154,7 @@ UMask=0022
 # Read-only everywhere (doctor writes nothing on the node) but the textfile's directory.
 ProtectSystem=strict
 ReadWritePaths={read_write_paths}
-ProtectHome=yes
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateIPC=yes
-PrivateMounts=yes
-ProtectProc=invisible
-NoNewPrivileges=yes
-CapabilityBoundingSet=
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RemoveIPC=yes
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
+{hardening}SystemCallErrorNumber=EPERM
 """
 
 DOCTOR_TIMER_TEMPLATE = """\
@@ -275,7 +256,9 @@ def render_doctor(params: UnitParams) -> dict[str, str]:
             "(e.g. /var/lib/node_exporter/textfile/spegel_node.prom)"
         )
     service = DOCTOR_SERVICE_TEMPLATE.format(
-        exec_start=params.doctor_exec_start, read_write_paths=f"-{directory}"
+        exec_start=params.doctor_exec_start,
+        read_write_paths=f"-{directory}",
+        hardening=HARDENING,
     )
     bodies = {DOCTOR_SERVICE: service, DOCTOR_TIMER: DOCTOR_TIMER_TEMPLATE}
     return {
@@ -290,12 +273,12 @@ def _render_repair(params: UnitParams) -> dict[str, str]:
     if params.config:
         unit_path(params.config, "--config")
     rw = [f"-{params.hosts_dir}", STATE_DIR]  # "-": a missing hosts dir is apply's to report
+    service = SERVICE_TEMPLATE.format(
+        exec_start=params.exec_start, read_write_paths=" ".join(rw), hardening=HARDENING
+    )
     if params.mode == "service":
-        body = _run_service(
-            SERVICE_TEMPLATE.format(exec_start=params.exec_start, read_write_paths=" ".join(rw))
-        )
+        body = _run_service(service)
         return {RUN_SERVICE: _HEADER.format(hosts_dir=params.hosts_dir, name=RUN_SERVICE) + body}
-    service = SERVICE_TEMPLATE.format(exec_start=params.exec_start, read_write_paths=" ".join(rw))
     path = PATH_TEMPLATE.format(path_changed="\n".join(f"PathChanged={p}" for p in params.watch))
     bodies = {SERVICE: service, TIMER: TIMER_TEMPLATE, PATH: path}
     return {
