@@ -240,3 +240,29 @@ def test_state_dir_with_loose_mode_is_tightened(
     assert run_cli(capsys, "apply", "--no-gate", "--root", str(node)).code == 0
     assert stat.S_IMODE(state_dir(node).stat().st_mode) == 0o700
     assert stat.S_IMODE((state_dir(node) / "state.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("fifo", "command", "code", "said"),
+    [
+        ("/etc/containerd/config.toml", "detect", 0, "not a regular file"),  # shown, not fatal
+        ("/etc/containerd/config.toml", "doctor", 1, ""),
+        ("/etc/spegel-node/config.toml", "apply", 2, "not a regular file"),
+        ("/var/lib/spegel-node/state.json", "apply", 1, "not a regular file"),
+        ("/var/lib/spegel-node/state.json", "remove", 1, "not a regular file"),
+    ],
+)
+def test_a_fifo_in_place_of_a_file_it_reads_fails_at_once_never_hangs(
+    node: Path, fifo: str, command: str, code: int, said: str
+) -> None:
+    path = node / fifo.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    before = tree_state(hosts(node))
+    done = console(node, command, timeout=30)  # a blocking open would hang until the timeout
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    assert said in done.stderr + done.stdout
+    assert tree_state(hosts(node)) == before
+    assert stat.S_ISFIFO(os.lstat(path).st_mode)  # left as it was

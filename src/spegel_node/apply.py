@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from spegel_node import fsutil, gate, hostsdir, state
+from spegel_node import fsutil, gate, hostsdir, state, tomlload
 from spegel_node.errors import Refused, SpegelNodeError
 from spegel_node.flavors import FALLBACK_HOSTS_DIR
 from spegel_node.flavors import flavor as flavor_record
@@ -77,7 +77,7 @@ def regenerated_warnings(
 
     source = registries_yaml_path(layout.flavor)
     try:
-        text = node.path(source).read_bytes().decode("utf-8", "replace")
+        text = fsutil.read_file(node.path(source), tomlload.MAX_BYTES).decode("utf-8", "replace")
     except OSError:  # none (k3s then leaves the hosts dir alone), or unreadable: doctor says
         return ()
     dirs: dict[str, str] = {}  # registries.yaml name -> hosts dir entry

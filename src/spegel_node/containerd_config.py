@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spegel_node import tomlload
+from spegel_node import fsutil, tomlload
 from spegel_node.errors import SpegelNodeError
 from spegel_node.flavors import FLAVORS, ConfigDropin
 from spegel_node.node import Node
@@ -149,7 +149,7 @@ def _fail(path: str, why: str) -> ContainerdConfigError:
 
 def _load(node: Node, path: str) -> dict[str, Any]:
     try:
-        raw = node.path(path).read_bytes()
+        raw = fsutil.read_file(node.path(path), tomlload.MAX_BYTES)
     except FileNotFoundError as e:
         raise _fail(path, "does not exist") from e
     except IsADirectoryError as e:

@@ -264,7 +264,7 @@ def _sets_v3_key(data: dict[str, Any]) -> bool:
 
 
 def _load_toml(node: Node, path: str) -> dict[str, Any]:
-    return tomlload.loads(node.path(path).read_bytes())
+    return tomlload.loads(fsutil.read_file(node.path(path), tomlload.MAX_BYTES))
 
 
 def target_file(node: Node, config: ContainerdConfig) -> str:
@@ -420,7 +420,7 @@ def _manual(version: int, wanted: Sequence[Placement], why: str) -> str:
 
 def _read_text(node: Node, path: str) -> str | None:
     try:
-        data = node.path(path).read_bytes()
+        data = fsutil.read_file(node.path(path), tomlload.MAX_BYTES)
     except FileNotFoundError:
         return None
     except IsADirectoryError as e:

@@ -77,6 +77,33 @@ def read_at(dir_fd: int, name: str, limit: int = 4 << 20) -> bytes | None:
         return f.read(limit + 1)
 
 
+def read_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path`, at most `limit` + 1 (more means too large).
+
+    The one capped reader for node files: opened without blocking, so a FIFO (or a device) in
+    place of a config file fails at once instead of hanging; FileNotFoundError when absent,
+    IsADirectoryError for a directory, OSError "not a regular file" for anything else.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def mkdir_at(parent_fd: int, name: str) -> None:
     os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
     with open_subdir(parent_fd, name) as fd:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from spegel_node import tomlload
+from spegel_node import fsutil, tomlload
 from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.godur import GO_DURATION, GO_MAX_NS, duration_ns, go_duration_seconds
 from spegel_node.node import DEFAULT_SETTINGS_PATH, Node
@@ -208,7 +208,7 @@ def load_settings(
     if present:
         source = str(config) if config is not None else DEFAULT_SETTINGS_PATH
         try:
-            raw = path.read_bytes()
+            raw = fsutil.read_file(path, tomlload.MAX_BYTES)
         except FileNotFoundError as e:
             raise BadInput(f"config file {source} does not exist") from e
         except OSError as e:

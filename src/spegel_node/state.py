@@ -24,7 +24,7 @@ def load_record(node: Node) -> Record:
     """The saved record; an empty one when none was saved yet."""
     path = state_dir(node) / STATE_FILE
     try:
-        raw = path.read_bytes()
+        raw = fsutil.read_file(path, tomlload.MAX_BYTES)
     except FileNotFoundError:
         return Record()
     except OSError as e:

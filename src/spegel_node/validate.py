@@ -11,15 +11,14 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spegel_node import fsutil
 from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.godur import GO_DURATION
 from spegel_node.hostsdir_rules import DEFAULT_DIR, shadowed_by
@@ -161,22 +160,9 @@ def validate_file(
 
 
 def _read_capped(path: Path) -> bytes | None:
-    """The file's bytes, None when larger than MAX_BYTES. Opens without blocking (no FIFO hang)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(0, "not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_BYTES:
-            chunk = os.read(fd, MAX_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    return None if size > MAX_BYTES else b"".join(chunks)
+    """The file's bytes, None when larger than MAX_BYTES (no FIFO hang: fsutil.read_file)."""
+    data = fsutil.read_file(path, MAX_BYTES)
+    return None if len(data) > MAX_BYTES else data
 
 
 def _too_large(display_path: str) -> Finding:

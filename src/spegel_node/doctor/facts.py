@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import posixpath
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from spegel_node import state
+from spegel_node import fsutil, state
 from spegel_node.containerd_config import (
     ContainerdConfig,
     ContainerdConfigError,
@@ -370,17 +369,12 @@ class Facts:
     # ------------------------------------------------------------ files
 
     def read_file(self, node_path: str) -> bytes | None:
-        """A regular file's bytes (at most MAX_FILE + 1), None when it does not exist.
-        Opened without blocking (a FIFO cannot hang doctor); OSError for anything else."""
-        path = self.node.path(node_path)
+        """A regular file's bytes (at most MAX_FILE + 1), None when it does not exist; OSError
+        for anything else (fsutil.read_file: a FIFO cannot hang doctor)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return fsutil.read_file(self.node.path(node_path), MAX_FILE)
         except FileNotFoundError:
             return None
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise IsADirectoryError(f"{node_path} is not a regular file")
-            return f.read(MAX_FILE + 1)
 
     @property
     def record(self) -> Record | None:
