@@ -378,6 +378,22 @@ def bench_version(bin_dir: Path, runs: int, label: str) -> Row:
     return Row(key, f"spegel-node --version ({label})", version, "python -c pass", base)
 
 
+def bench_completion(bin_dir: Path, runs: int) -> Row:
+    """The completion script costs its own command only: typer's completion code is imported
+    inside `completion`, so every other command's start-up is the --version row's."""
+    script, base = measure(
+        [
+            Cmd(
+                [str(bin_dir / "spegel-node"), "completion", "bash"],
+                check="_spegel_node_completion",
+            ),
+            Cmd([str(bin_dir / "spegel-node"), "--version"]),
+        ],
+        runs,
+    )
+    return Row("completion", "spegel-node completion bash", script, "--version", base)
+
+
 def bench_apply(
     bin_dir: Path, tmp: Path, runs: int, sizes: Sequence[int], label: str = ""
 ) -> list[Row]:
@@ -573,6 +589,8 @@ def run_all(args: argparse.Namespace, bin_dirs: dict[str, Path], tmp: Path, rows
         for label, bin_dir in bin_dirs.items():
             rows.append(bench_version(bin_dir, args.runs, label))
             print(rows[-1].line(), flush=True)
+        rows.append(bench_completion(clean, args.runs))
+        print(rows[-1].line(), flush=True)
         section("apply (fake node trees under --root)")
         print(HEADER)
         rows += bench_apply(clean, tmp, args.runs, (5, 50, 200, 500))
