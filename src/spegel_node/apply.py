@@ -62,6 +62,28 @@ def _layout_warnings(layout: Layout, hosts_dir: str) -> tuple[str, ...]:
     )
 
 
+def local_pull_warning(node: Node, layout: Layout, settings: Settings) -> str:
+    """Why containerd's CRI pulls will not read the files apply writes ("" when they will):
+    doctor's `containerd.local_image_pull` check (containerd 2.1+ pulling through the transfer
+    service with several config_path roots), asked through doctor's own facts."""
+    from spegel_node.doctor.checks.containerd import LocalImagePull
+    from spegel_node.doctor.facts import Facts
+    from spegel_node.doctor.model import Status
+
+    try:
+        result = LocalImagePull().run(Facts(node, settings, layout=layout))
+    except Exception:  # a diagnosis that cannot be made never stops apply
+        return ""
+    if result.status not in (Status.FAIL, Status.WARN):
+        return ""
+    return (
+        f"{result.summary}; the files apply writes will not be read for Kubernetes pulls. Fix: "
+        f'keep one config_path root (config_path = "{hosts_dir_of(layout)}"), or set '
+        f'use_local_image_pull = true in [plugins."io.containerd.cri.v1.images"]; '
+        "`spegel-node doctor` prints the exact change for this node"
+    )
+
+
 @contextlib.contextmanager
 def _locked(node: Node, dry_run: bool) -> Iterator[None]:
     if dry_run:  # a dry run writes nothing, not even the lock file
@@ -154,7 +176,9 @@ def apply_mirrors(
                         files.pop(key, None)
                 _save(node, new_record.with_files(files))
             plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
-    warnings = (*_layout_warnings(layout, hosts_dir), *skipped)
+    local_pull = local_pull_warning(node, layout, settings)
+    warnings = (*_layout_warnings(layout, hosts_dir), *((local_pull,) if local_pull else ()))
+    warnings = (*warnings, *skipped)
     return Outcome("apply", plan, dry_run, urls, gate_state, probe, warnings)
 
 

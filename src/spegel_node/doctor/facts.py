@@ -149,7 +149,9 @@ class Facts:
         crictl_binaries: Sequence[str] | None = None,
         processes: Sequence[ContainerdProcess] | None = None,
         now: Callable[[], float] = time.time,
+        layout: Layout | None = None,
     ) -> None:
+        """`layout`: one already detected (apply's), used instead of detecting again."""
         self.node = node
         self.settings = settings
         self.image = image
@@ -161,6 +163,8 @@ class Facts:
         self._processes = processes
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
+        if layout is not None:
+            self._slots["layout"] = _Slot(done=True, value=(layout, ""))
 
     def _once(self, key: str, compute: Callable[[], T]) -> T:
         with self._lock:
