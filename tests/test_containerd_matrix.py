@@ -281,3 +281,65 @@ def test_apply_warns_when_cri_pulls_will_not_read_the_files(
     assert f'config_path = "{HOSTS}"' in warning and "use_local_image_pull = true" in warning
     # apply still wrote the files (the warning does not change what it does)
     assert (tmp_path / HOSTS[1:] / "docker.io" / "hosts.toml").is_file()
+
+
+# --- validate without --containerd-version: the node's containerd, else the strictest reading ---
+
+IPV6_MIRROR = '[host."http://[fd00::5]:29999"]\n  capabilities = ["pull", "resolve"]\n'
+
+
+def validate_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    result = run_cli(capsys, "validate", "-o", "json", *args)
+    assert result.code in (0, 1), result.err
+    return result.code, json.loads(result.out)
+
+
+def test_validate_with_no_containerd_uses_the_strictest_reading_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hosts = fake_nodes.write(tmp_path, "/certs.d/docker.io/hosts.toml", IPV6_MIRROR)
+    code, data = validate_json(capsys, "/certs.d", "--root", str(tmp_path))
+    assert code == 1
+    assert data["rules"]["strictest"] is True and data["rules"]["containerd_version"] is None
+    assert data["rules"]["versions"] == list(VERSIONS)
+    assert data["rules"]["source"].startswith("no containerd found")
+    (finding,) = [f for f in data["findings"] if f["severity"] == "error"]
+    assert finding["code"] == "table.bracket_in_key"
+    assert finding["message"].endswith("(as containerd 1.6.20, 1.7.35)")
+    text = run_cli(capsys, "validate", "/certs.d", "--root", str(tmp_path))
+    assert text.out.splitlines()[-1] == (
+        f"rules: strictest of containerd {', '.join(VERSIONS)} ({data['rules']['source']})"
+    )
+    # given a version, that version's rules: 2.x reads the IPv6 header
+    code, data = validate_json(capsys, str(hosts), "--containerd-version", "2.2.9")
+    assert code == 0 and data["findings"] == []
+    assert data["rules"] == {
+        "containerd_version": "2.2.9",
+        "strictest": False,
+        "versions": ["2.2.9"],
+        "source": "--containerd-version",
+    }
+
+
+def test_validate_asks_the_nodes_containerd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_nodes.make_containerd(tmp_path, config_path=HOSTS)
+    fake_nodes.write(tmp_path, f"{HOSTS}/docker.io/hosts.toml", IPV6_MIRROR)
+    # the socket is a placeholder, the root is not this machine: no version to be had
+    code, data = validate_json(capsys, "--root", str(tmp_path))
+    assert code == 1 and data["rules"]["strictest"] is True
+    assert data["rules"]["source"] == (
+        "containerd version unknown: containerd does not answer on its socket"
+    )
+    with FakeContainerd(tmp_path / SOCK[1:], version="v2.2.9", config=cri_config(HOSTS)):
+        code, data = validate_json(capsys, "--root", str(tmp_path))
+        text = run_cli(capsys, "validate", "--root", str(tmp_path))
+    assert code == 0 and data["findings"] == [], data
+    assert data["rules"]["containerd_version"] == "2.2.9"
+    assert data["rules"]["source"] == "the running containerd"
+    assert text.out.splitlines()[-1] == "rules: containerd 2.2.9 (the running containerd)"
+    with FakeContainerd(tmp_path / SOCK[1:], version="1.7.35", config=cri_config(HOSTS)):
+        code, data = validate_json(capsys, "--root", str(tmp_path))
+    assert code == 1 and data["rules"]["containerd_version"] == "1.7.35"
+    assert [f["code"] for f in data["findings"]] == ["table.bracket_in_key"]

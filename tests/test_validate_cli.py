@@ -35,7 +35,7 @@ def test_errors_exit_1_and_strict_turns_warnings_into_failures(
     assert result.code == 1
     assert "capabilities.type" in result.out
     warn = tmp_path / "warn.toml"
-    warn.write_text('server = "127.0.0.1:5001"\n')
+    warn.write_text('server = "127.0.0.1:5001"\n[host."http://127.0.0.1:5002"]\n')
     assert run_cli(capsys, "validate", str(warn)).code == 0
     assert run_cli(capsys, "validate", str(warn), "--strict").code == 1
 
