@@ -343,3 +343,48 @@ def test_validate_asks_the_nodes_containerd(
         code, data = validate_json(capsys, "--root", str(tmp_path))
     assert code == 1 and data["rules"]["containerd_version"] == "1.7.35"
     assert [f["code"] for f in data["findings"]] == ["table.bracket_in_key"]
+
+
+# --- an IPv6 node_ip: the header form 1.x drops, refused on 1.x -------------------------------
+
+
+def test_apply_refuses_an_ipv6_mirror_on_containerd_1_and_writes_it_on_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No hosts.toml form is read by both lines (judged with each version's own parser): 1.x
+    drops `[host."http://[fd00::5]:29999"]`, 2.x ignores the inline-table form 1.x reads."""
+    from support.judge import judge_dir, judge_texts
+
+    fake_nodes.make_containerd(tmp_path, config_path=HOSTS)
+    config = fake_nodes.write(
+        tmp_path,
+        "/etc/spegel-node/config.toml",
+        'node_ip = "fd00::5"\nregistries = ["https://docker.io"]\n',
+    )
+    args = ("apply", "--root", str(tmp_path), "--config", str(config), "--no-gate")
+    sock = tmp_path / SOCK[1:]
+    with FakeContainerd(sock, version="1.6.20~ds1", config=cri_config(HOSTS)):
+        refused = run_cli(capsys, *args)
+    assert refused.code == 1, refused.err
+    (line,) = refused.err.splitlines()
+    assert "http://[fd00::5]:29999 is an IPv6 address" in line and "1.6.20~ds1" in line
+    assert "set node_ip to an IPv4 address" in line
+    assert not (tmp_path / HOSTS[1:] / "docker.io").exists()
+    assert not (tmp_path / "var/lib/spegel-node").exists()  # nothing written, not even state
+    with FakeContainerd(sock, version="2.3.7", config=cri_config(HOSTS)):
+        written = run_cli(capsys, *args)
+    assert written.code == 0, written.err
+    hosts = tmp_path / HOSTS[1:]
+    text = (hosts / "docker.io" / "hosts.toml").read_bytes()
+    assert b'[host."http://[fd00::5]:29999"]' in text
+    (old,) = judge_texts(DEBIAN, [text])
+    assert old.status == "dropped" and "table key cannot contain ']'" in old.error, old
+    for version in ("2.1.9", "2.3.7"):  # (2.0.x tries https first once dial_timeout is set)
+        (new,) = judge_dir(version, hosts, ["docker.io"])
+        assert new.status == "used" and new.hosts[0][0] == "http://[fd00::5]:29999/v2", new
+    # validate says the same of the written file
+    code, data = validate_json(
+        capsys, str(hosts / "docker.io/hosts.toml"), "--containerd-version", DEBIAN
+    )
+    errors = [f["code"] for f in data["findings"] if f["severity"] == "error"]
+    assert code == 1 and errors == ["table.bracket_in_key"]
