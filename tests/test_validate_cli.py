@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support import pki
 from support.cli import run_cli
 
 HOSTS = "etc/containerd/certs.d"
@@ -15,7 +16,7 @@ def test_absolute_ca_paths_resolve_under_root(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     (tmp_path / "etc/certs").mkdir(parents=True)
-    (tmp_path / "etc/certs/ca.crt").write_text("PEM")
+    (tmp_path / "etc/certs/ca.crt").write_text(pki.EC_CERT)
     reg = tmp_path / HOSTS / "ghcr.io"
     reg.mkdir(parents=True)
     (reg / "hosts.toml").write_text(
