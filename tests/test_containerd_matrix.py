@@ -250,6 +250,7 @@ def test_containerd_runs_on_its_configured_default_and_pulls_through_the_mirror(
     [
         ("2.2.9", f"{HOSTS}:/etc/docker/certs.d", True),
         ("2.1.9", f"{HOSTS}:/etc/docker/certs.d", True),
+        ("2.2.9", "", True),  # unset: 2.2+ reads its default, two roots
         ("2.2.9", HOSTS, False),
         ("2.0.14", f"{HOSTS}:/etc/docker/certs.d", False),  # no transfer-service pulls
     ],

@@ -66,6 +66,14 @@ def _layout_warnings(layout: Layout, hosts_dir: str) -> tuple[str, ...]:
     )
 
 
+def _ask_containerd(layout: Layout, urls: tuple[str, ...]) -> bool:
+    """Whether the checks below could say anything: an IPv6 mirror URL, or a config that does
+    not set one config_path root (several roots, or none: 2.2+ defaults to two). Keeps the
+    usual apply from importing doctor and asking the socket."""
+    config = layout.config
+    return any("[" in u for u in urls) or config is None or len(config.hosts_dirs) != 1
+
+
 def _facts(node: Node, layout: Layout, settings: Settings) -> Facts:
     """doctor's read-only facts about this node (the running containerd's version, its CRI
     settings), for the few checks apply shares with doctor."""
@@ -182,8 +190,8 @@ def apply_mirrors(
     if layout.distro_owned:
         raise Refused(distro_owned_message(layout.flavor, settings.registries, urls))
     hosts_dir = hosts_dir_of(layout)
-    facts = _facts(node, layout, settings)
-    refusal = ipv6_refusal(facts, urls)
+    facts = _facts(node, layout, settings) if _ask_containerd(layout, urls) else None
+    refusal = ipv6_refusal(facts, urls) if facts is not None else None
     if refusal is not None:
         raise refusal
     with _locked(node, dry_run):
@@ -211,7 +219,7 @@ def apply_mirrors(
                         files.pop(key, None)
                 _save(node, new_record.with_files(files))
             plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
-    local_pull = local_pull_warning(facts, layout)
+    local_pull = local_pull_warning(facts, layout) if facts is not None else ""
     warnings = (*_layout_warnings(layout, hosts_dir), *((local_pull,) if local_pull else ()))
     warnings = (*warnings, *skipped)
     return Outcome("apply", plan, dry_run, urls, gate_state, probe, warnings)
