@@ -303,7 +303,7 @@ def test_validate_with_no_containerd_uses_the_strictest_reading_and_says_so(
     assert code == 1
     assert data["rules"]["strictest"] is True and data["rules"]["containerd_version"] is None
     assert data["rules"]["versions"] == list(VERSIONS)
-    assert data["rules"]["source"].startswith("no containerd found")
+    assert data["rules"]["source"].startswith("no containerd to ask: ")
     (finding,) = [f for f in data["findings"] if f["severity"] == "error"]
     assert finding["code"] == "table.bracket_in_key"
     assert finding["message"].endswith("(as containerd 1.6.20, 1.7.35)")

@@ -57,11 +57,14 @@ def node_rules(node: Node, layout_of: Callable[[], tuple[Any, Any]]) -> Rules:
     settings) has no containerd to ask."""
     from spegel_node.doctor.facts import Facts
     from spegel_node.errors import SpegelNodeError
+    from spegel_node.layout import NoLayout
 
     try:
         settings, layout = layout_of()
+    except NoLayout:
+        return Rules(None, "no containerd to ask: no containerd layout found on the node")
     except SpegelNodeError as e:
-        return Rules(None, f"no containerd found ({str(e).splitlines()[0]})")
+        return Rules(None, f"no containerd to ask: {str(e).splitlines()[0]}")
     try:
         found = Facts(node, settings, layout=layout).containerd_version
     except Exception as e:  # a version that cannot be asked: still validate, strictly
