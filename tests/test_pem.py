@@ -9,6 +9,7 @@ each version's own code (tests/judge).
 from __future__ import annotations
 
 import base64
+import random
 import subprocess
 from pathlib import Path
 
@@ -164,3 +165,67 @@ def test_keys_of_other_curves_match_their_certificates(tmp_path: Path) -> None:
     assert pem.client_problem(*ed) is None  # type only: Ed25519 is not derived here
     assert "does not match" in str(pem.client_problem(p384[0], other[1]))
     assert "type does not match" in str(pem.client_problem(p384[0], ed[1]))
+
+
+# ---------------------------------------------------------------- mutations, judged
+
+
+def _mutations(seed: int, n: int) -> list[tuple[str, str, str]]:
+    """(kind, cert text, key text) with one DER byte of a certificate or key changed; kind
+    "ca" uses the cert text as a `ca` file."""
+    rng = random.Random(seed)
+    pairs = ((pki.EC_CERT, pki.EC_KEY), (pki.RSA_CERT, pki.RSA_KEY))
+    out = []
+    for _ in range(n):
+        kind = rng.choice(["ca", "cert", "key"])
+        cert, key = rng.choice(pairs)
+        source = key if kind == "key" else cert
+        der = bytearray(pem.blocks(source.encode())[0].der)
+        der[rng.randrange(len(der))] = rng.randrange(256)
+        label = "PRIVATE KEY" if kind == "key" else "CERTIFICATE"
+        b64 = base64.b64encode(bytes(der)).decode()
+        text = f"-----BEGIN {label}-----\n{b64}\n-----END {label}-----\n"
+        out.append((kind, text if kind != "key" else cert, text if kind == "key" else key))
+    return out
+
+
+MUTATIONS = 300
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_mutated_certificates_and_keys_agree_with_each_version(
+    tmp_path: Path, version: str
+) -> None:
+    """300 one-byte DER mutations (seed 12): validate never calls usable what containerd
+    cannot load; the few it refuses that Go takes are on the safe side."""
+    registries = []
+    for i, (kind, cert, key) in enumerate(_mutations(12, MUTATIONS)):
+        d = tmp_path / f"m{i}.test"
+        d.mkdir()
+        registries.append(d.name)
+        if kind == "ca":
+            (d / "ca.pem").write_text(cert)
+            (d / "hosts.toml").write_text('[host."https://m.test"]\n  ca = "ca.pem"\n')
+        else:
+            (d / "c.pem").write_text(cert)
+            (d / "k.pem").write_text(key)
+            (d / "hosts.toml").write_text(
+                '[host."https://m.test"]\n  client = [["c.pem", "k.pem"]]\n'
+            )
+    unsafe, agree = [], 0
+    for registry, judgement in zip(
+        registries, judge_dir(version, tmp_path, registries), strict=True
+    ):
+        findings = validate_file(
+            tmp_path / registry / "hosts.toml",
+            display_path="h",
+            containerd_version=parse_containerd_version(version),
+            root=tmp_path,
+        )
+        errors = any(f.severity == "error" for f in findings)
+        agree += errors == judgement.rejected
+        if judgement.rejected and not errors:
+            unsafe.append((registry, judgement.error))
+    print(f"containerd {version}: ca/client mutations agree on {agree}/{MUTATIONS}")
+    assert unsafe == []
+    assert agree >= MUTATIONS * 0.97

@@ -6,13 +6,15 @@ is a certificate, and every `client` pair with `tls.X509KeyPair`, failing with "
 X509 key pair" on a cert or key it cannot use or a key that is not the cert's. Either way
 `ConfigureHosts` returns the error and every pull of that registry fails (not just that host).
 
-Pure Python: PEM armor and base64 as Go's `pem.Decode` takes them, and just enough DER to see a
-certificate (Certificate, TBSCertificate, SubjectPublicKeyInfo) and a private key (PKCS#1,
-PKCS#8, SEC1, tried in Go's order whatever the block's type says). The key is matched to the
-certificate as Go does: an RSA key must hold together (n = p*q, ...) and carry the cert's
-modulus; a P-256 or P-384 key's public point is computed from its private scalar (Go ignores
-the stored one). An Ed25519 key, or an EC key on another curve, is checked for its type (and
-the stored public point) only: deriving those needs arithmetic left out here.
+Pure Python: PEM armor and base64 as Go's `pem.Decode` takes them, and DER read as strictly as
+Go's x509 parser reads a certificate (minimal lengths and integers, version, serial, inner =
+outer signature algorithm, names and their string types, validity times, the public key: RSA
+with NULL parameters, an EC point on its curve; extension framing and the usual extensions).
+Keys: PKCS#1, PKCS#8, SEC1, tried in Go's order whatever the block's type says. The key is
+matched to the certificate as Go does: an RSA key must hold together (n = p*q, d, the CRT
+values) and carry the cert's modulus; a P-256 or P-384 key's public point is computed from its
+private scalar (Go ignores the stored one). An Ed25519 key, or an EC key on P-224/P-521, is
+checked for its type (and the stored public point) only: that arithmetic is left out.
 """
 
 from __future__ import annotations
@@ -126,13 +128,17 @@ def _tlv(b: bytes, i: int) -> tuple[int, int, int]:
         raise _Bad("truncated")
     tag, first = b[i], b[i + 1]
     i += 2
+    if tag & 0x1F == 0x1F:
+        raise _Bad("high tag number")
     if first < 0x80:
         length = first
     else:
         n = first & 0x7F
-        if n == 0 or n > 4 or i + n > len(b):
+        if n == 0 or n > 4 or i + n > len(b) or b[i] == 0:
             raise _Bad("bad length")
         length = int.from_bytes(b[i : i + n], "big")
+        if length < 0x80:  # DER: the short form where it fits
+            raise _Bad("non-minimal length")
         i += n
     if i + length > len(b):
         raise _Bad("truncated")
@@ -167,30 +173,221 @@ def _sequence(b: bytes) -> list[_El]:
 
 
 def _certificate_spki(der: bytes) -> bytes:
-    """The SubjectPublicKeyInfo of a certificate (its DER)."""
+    """The SubjectPublicKeyInfo (its DER) of a certificate Go's x509.ParseCertificate takes:
+    its structure, version, serial, algorithm identifiers (inner = outer), names, validity,
+    public key and extension framing (as crypto/x509's parser.go reads them)."""
     outer = _sequence(der)
-    if _tags(outer) != [0x30, 0x30, 0x03]:
+    if len(outer) < 3 or _tags(outer[:3]) != [0x30, 0x30, 0x03]:
         raise _Bad("not a Certificate")
     tbs = _children(der, outer[0][1], outer[0][2])
-    if tbs and tbs[0][0] == 0xA0:  # [0] version
+    version = 0
+    if tbs and tbs[0][0] == 0xA0:  # [0] EXPLICIT version
+        inner = _children(der, tbs[0][1], tbs[0][2])
+        if len(inner) != 1 or inner[0][0] != 0x02:
+            raise _Bad("malformed version")
+        version = _integer(der, inner[0])
         tbs = tbs[1:]
+    if not 0 <= version <= 2:
+        raise _Bad("invalid version")
     if len(tbs) < 6 or _tags(tbs[:6]) != [0x02, 0x30, 0x30, 0x30, 0x30, 0x30]:
         raise _Bad("not a TBSCertificate")
-    _, _, end, start = tbs[5]
-    spki = der[start:end]
+    if _integer(der, tbs[0]) < 0:
+        raise _Bad("negative serial number")
+    if der[tbs[1][1] : tbs[1][2]] != der[outer[1][1] : outer[1][2]]:
+        raise _Bad("inner and outer signature algorithm identifiers differ")
+    _algorithm(der, tbs[1])
+    for name in (tbs[2], tbs[4]):
+        _name(der, name)
+    times = _children(der, tbs[3][1], tbs[3][2])
+    if len(times) < 2:
+        raise _Bad("malformed validity")
+    for t in times[:2]:
+        _time(der, t)
+    spki = der[tbs[5][3] : tbs[5][2]]
     _spki_parts(spki)
+    rest = tbs[6:]
+    if version >= 1:
+        rest = [el for el in rest if el[0] not in (0x81, 0xA1, 0x82, 0xA2)][:1] or []
+        if version == 2 and rest and rest[0][0] == 0xA3:
+            _extensions(der, rest[0])
+    _bit_string(der, outer[2])
     return spki
 
 
+def _integer(b: bytes, el: _El) -> int:
+    """A DER INTEGER (minimal encoding), signed."""
+    raw = b[el[1] : el[2]]
+    if el[0] != 0x02 or not raw:
+        raise _Bad("not an INTEGER")
+    if len(raw) > 1 and ((raw[0] == 0 and raw[1] < 0x80) or (raw[0] == 0xFF and raw[1] >= 0x80)):
+        raise _Bad("non-minimal INTEGER")
+    return int.from_bytes(raw, "big", signed=True)
+
+
+def _bit_string(b: bytes, el: _El) -> bytes:
+    raw = b[el[1] : el[2]]
+    if el[0] != 0x03 or not raw or raw[0] > 7 or (len(raw) == 1 and raw[0]):
+        raise _Bad("malformed BIT STRING")
+    if len(raw) > 1 and raw[-1] & ((1 << raw[0]) - 1):
+        raise _Bad("malformed BIT STRING")
+    return raw[1:]
+
+
+def _object_identifier(b: bytes, el: _El) -> bytes:
+    raw = b[el[1] : el[2]]
+    if el[0] != 0x06 or not raw or raw[-1] & 0x80:
+        raise _Bad("malformed OID")
+    start = True
+    for byte in raw:  # base-128 components, minimal (no leading 0x80)
+        if start and byte == 0x80:
+            raise _Bad("malformed OID")
+        start = not byte & 0x80
+    return raw
+
+
+def _algorithm(b: bytes, el: _El) -> tuple[bytes, _El | None]:
+    """(OID, parameters element) of an AlgorithmIdentifier."""
+    parts = _children(b, el[1], el[2])
+    if not parts:
+        raise _Bad("malformed algorithm identifier")
+    return _object_identifier(b, parts[0]), parts[1] if len(parts) > 1 else None
+
+
+_PRINTABLE = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?*&"
+)
+
+
+def _name(b: bytes, el: _El) -> None:
+    """An RDNSequence whose attribute values Go's parseASN1String takes."""
+    for rdn in _children(b, el[1], el[2]):
+        if rdn[0] != 0x31:
+            raise _Bad("invalid RDNSequence")
+        for atav in _children(b, rdn[1], rdn[2]):
+            parts = _children(b, atav[1], atav[2]) if atav[0] == 0x30 else []
+            if len(parts) < 2:
+                raise _Bad("invalid attribute")
+            _object_identifier(b, parts[0])
+            tag, value = parts[1][0], b[parts[1][1] : parts[1][2]]
+            if tag == 0x13 and not set(value) <= _PRINTABLE:  # PrintableString
+                raise _Bad("invalid PrintableString")
+            if tag == 0x0C:  # UTF8String
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _Bad("invalid UTF-8 string") from e
+            elif tag == 0x16 and any(c > 0x7F for c in value):  # IA5String
+                raise _Bad("invalid IA5String")
+            elif tag == 0x12 and not set(value) <= frozenset(b"0123456789 "):
+                raise _Bad("invalid NumericString")
+            elif tag == 0x1E and len(value) % 2:  # BMPString
+                raise _Bad("invalid BMPString")
+            elif tag not in (0x13, 0x0C, 0x16, 0x12, 0x1E, 0x14):  # 0x14 T61String
+                raise _Bad("unsupported string type")
+
+
+_UTC = re.compile(rb"(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})?(Z|[+-]\d{4})")
+_GENERALIZED = re.compile(rb"(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(Z|[+-]\d{4})")
+
+
+def _time(b: bytes, el: _El) -> None:
+    """UTCTime or GeneralizedTime as Go reads them (the text must round-trip)."""
+    import datetime
+
+    raw = b[el[1] : el[2]]
+    m = _UTC if el[0] == 0x17 else _GENERALIZED if el[0] == 0x18 else None
+    if m is None:
+        raise _Bad("unsupported time format")
+    found = m.fullmatch(raw)
+    if found is None:
+        raise _Bad("malformed time")
+    year, month, day, hour, minute = (int(g) for g in found.groups()[:5])
+    second = int(found.group(6) or b"0")
+    zone = found.group(7)
+    if zone != b"Z" and (zone[1:] == b"0000" or int(zone[1:3]) > 23 or int(zone[3:]) > 59):
+        raise _Bad("malformed time zone")  # +0000 would be written back as Z
+    try:
+        datetime.datetime(year if el[0] == 0x18 else 2000 + year, month, day, hour, minute, second)
+    except ValueError as e:
+        raise _Bad("malformed time") from e
+
+
+def _extensions(b: bytes, el: _El) -> None:
+    inner = _children(b, el[1], el[2])
+    if len(inner) != 1 or inner[0][0] != 0x30:
+        raise _Bad("malformed extensions")
+    seen: set[bytes] = set()
+    for ext in _children(b, inner[0][1], inner[0][2]):
+        parts = _children(b, ext[1], ext[2]) if ext[0] == 0x30 else []
+        if not parts:
+            raise _Bad("malformed extension")
+        oid = _object_identifier(b, parts[0])
+        if oid in seen:
+            raise _Bad("duplicate extension")
+        seen.add(oid)
+        critical = False
+        rest = parts[1:]
+        if rest and rest[0][0] == 0x01:
+            raw = b[rest[0][1] : rest[0][2]]
+            if raw not in (b"\x00", b"\xff"):
+                raise _Bad("malformed extension critical field")
+            critical, rest = raw == b"\xff", rest[1:]
+        if not rest or rest[0][0] != 0x04:
+            raise _Bad("malformed extension value field")
+        _extension_value(oid, critical, b[rest[0][1] : rest[0][2]])
+
+
+_EXT = bytes.fromhex("551d")  # 2.5.29
+
+
+def _extension_value(oid: bytes, critical: bool, value: bytes) -> None:
+    """The few extensions a CA or client certificate usually has, read as Go reads them."""
+    if len(oid) != 3 or oid[:2] != _EXT:
+        return
+    kind = oid[2]
+    if kind in (14, 35) and critical:  # subject / authority key identifier
+        raise _Bad("key identifier marked critical")
+    first = _tlv(value, 0) if value else None
+    if kind == 14 and (first is None or first[0] != 0x04):
+        raise _Bad("invalid subject key identifier")
+    if kind in (19, 35) and (first is None or first[0] != 0x30):
+        raise _Bad("invalid basic constraints / authority key identifier")
+    if kind == 19 and first is not None:
+        for el in _children(value, first[1], first[2])[:2]:
+            if el[0] == 0x01 and value[el[1] : el[2]] not in (b"\x00", b"\xff"):
+                raise _Bad("invalid basic constraints")
+            if el[0] == 0x02 and _integer(value, el) < 0:
+                raise _Bad("invalid basic constraints")
+    if kind == 15:
+        if first is None:
+            raise _Bad("invalid key usage")
+        _bit_string(value, (first[0], first[1], first[2], 0))
+
+
 def _spki_parts(spki: bytes) -> tuple[bytes, bytes]:
-    """(algorithm OID, the public key: RSA modulus or EC point / raw key bytes)."""
+    """(algorithm OID, the public key: RSA modulus, EC point, raw key), checked as Go's
+    parsePublicKey checks them."""
     parts = _sequence(spki)
     if _tags(parts) != [0x30, 0x03]:
         raise _Bad("not a SubjectPublicKeyInfo")
-    oid = _oid(spki, parts[0])
-    key = spki[parts[1][1] + 1 : parts[1][2]]  # skip the unused-bits byte
+    oid, params = _algorithm(spki, parts[0])
+    key = _bit_string(spki, parts[1])
     if oid == OID_RSA:
-        return oid, _rsa_modulus(_sequence(key), key)
+        if params is None or spki[params[3] : params[2]] != b"\x05\x00":
+            raise _Bad("RSA key missing NULL parameters")
+        elements = _sequence(key)
+        if len(elements) < 2 or _integer(key, elements[0]) <= 0 or _integer(key, elements[1]) <= 0:
+            raise _Bad("invalid RSA public key")
+        return oid, _rsa_modulus(elements, key)
+    if oid == OID_EC:
+        curve_oid = _object_identifier(spki, params) if params is not None else b""
+        curve = _CURVES.get(curve_oid)
+        if curve is not None:
+            curve.check_point(key)
+        elif curve_oid not in _OTHER_CURVES:
+            raise _Bad("unsupported elliptic curve")
+    elif oid == OID_ED25519 and (params is not None or len(key) != 32):
+        raise _Bad("invalid Ed25519 key")
     return oid, key
 
 
@@ -258,15 +455,23 @@ def _sec1_public(der: bytes, curve_oid: bytes | None = None) -> bytes | None:
     parts = _sequence(der)  # version, privateKey, [0] parameters, [1] publicKey
     if len(parts) < 2 or _tags(parts[:2]) != [0x02, 0x04]:
         raise _Bad("not an ECPrivateKey")
+    if _integer(der, parts[0]) != 1:
+        raise _Bad("unknown EC private key version")
     stored = None
-    for tag, s, e, _ in parts[2:]:
+    for tag, s, e, _ in parts[2:]:  # Go's asn1 skips what follows; an explicit tag holds one
+        if tag not in (0xA0, 0xA1):
+            continue
         inner = _children(der, s, e)
-        if tag == 0xA0 and inner and inner[0][0] == 0x06:
-            curve_oid = der[inner[0][1] : inner[0][2]]
-        elif tag == 0xA1 and inner and inner[0][0] == 0x03:
-            stored = der[inner[0][1] + 1 : inner[0][2]]
+        if len(inner) != 1:
+            raise _Bad("malformed ECPrivateKey")
+        if tag == 0xA0:
+            curve_oid = _object_identifier(der, inner[0])
+        else:
+            stored = _bit_string(der, inner[0])
     curve = _CURVES.get(curve_oid or b"")
     if curve is None:
+        if curve_oid not in _OTHER_CURVES:
+            raise _Bad("unknown elliptic curve")
         return stored
     scalar = int.from_bytes(der[parts[1][1] : parts[1][2]], "big")
     if not 0 < scalar < curve.n:
@@ -282,8 +487,19 @@ class _Curve:
 
     p: int
     n: int
+    b: int
     gx: int
     gy: int
+
+    def check_point(self, point: bytes) -> None:
+        """An uncompressed point on the curve (Go's ParseUncompressedPublicKey)."""
+        size = (self.p.bit_length() + 7) // 8
+        if len(point) != 1 + 2 * size or point[0] != 4:
+            raise _Bad("not an uncompressed point")
+        x = int.from_bytes(point[1 : 1 + size], "big")
+        y = int.from_bytes(point[1 + size :], "big")
+        if x >= self.p or y >= self.p or (y * y - (x * x * x - 3 * x + self.b)) % self.p:
+            raise _Bad("point not on the curve")
 
     def multiply(self, k: int) -> tuple[int, int]:
         result: tuple[int, int] | None = None
@@ -317,6 +533,7 @@ _CURVES = {
     bytes.fromhex("2a8648ce3d030107"): _Curve(  # P-256 (1.2.840.10045.3.1.7)
         p=2**256 - 2**224 + 2**192 + 2**96 - 1,
         n=0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+        b=0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
         gx=0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
         gy=0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5,
     ),
@@ -325,6 +542,11 @@ _CURVES = {
         n=int(
             "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
             "581A0DB248B0A77AECEC196ACCC52973",
+            16,
+        ),
+        b=int(
+            "B3312FA7E23EE7E4988E056BE3F82D19181D9C6EFE8141120314088F5013875A"
+            "C656398D8A2ED19D2A85C8EDD3EC2AEF",
             16,
         ),
         gx=int(
@@ -339,3 +561,7 @@ _CURVES = {
         ),
     ),
 }
+_OTHER_CURVES = (  # Go knows them too; their points are not checked here
+    bytes.fromhex("2b81040021"),  # P-224
+    bytes.fromhex("2b81040023"),  # P-521
+)
