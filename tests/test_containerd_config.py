@@ -335,7 +335,7 @@ def test_k0s_dropins_ignored_when_not_k0s_managed(tmp_path: Path) -> None:
             'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\nregistry = "x"\n',
             "registry must be a table",
         ),
-        ("version = 4\n", "unsupported config version 4"),
+        ("version = 5\n", "unsupported config version 5"),
         ('version = "2"\n', "version must be an integer"),
         ("imports = [1]\n", "imports must be a list of strings"),
     ],
@@ -425,8 +425,10 @@ def test_snippet_escapes_strings() -> None:
 def test_snippet_rejects_what_the_version_lacks() -> None:
     with pytest.raises(ValueError, match="version 3"):
         config_snippet(2, use_local_image_pull=True)
-    with pytest.raises(ValueError, match="1, 2 or 3"):
-        config_snippet(4, config_path="/x")
+    with pytest.raises(ValueError, match="1, 2, 3 or 4"):
+        config_snippet(5, config_path="/x")
+    # version 4 (containerd 2.3+) keeps version 3's CRI tables
+    assert config_snippet(4, config_path="/x") == config_snippet(3, config_path="/x")
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])

@@ -70,11 +70,28 @@ def _doctor_local_pull_check(sb: Sandbox) -> dict[str, str]:
     return checks["containerd.local_image_pull"]
 
 
+def _apply_warnings(sb: Sandbox) -> list[str]:
+    """`apply --dry-run` against this live containerd: its warnings (a dry run writes nothing,
+    not even the lock or the state on this machine)."""
+    config = sb.root / "spegel-node.toml"
+    config.write_text(f'node_ip = "127.0.0.1"\nregistries = ["http://{sb.upstream.host}"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "spegel_node", "apply", "--dry-run", "--no-gate", "-o", "json",
+         "--config", str(config),
+         "--containerd-socket", str(sb.containerd.socket),
+         "--containerd-config", str(sb.containerd.config_path),
+         "--hosts-dir", str(sb.hosts_dir)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout)["warnings"])
+
+
 def _multi_root_pull(
     version: str, extra: str
 ) -> tuple[list[Request], list[Request], dict[str, str]]:
     """A CRI pull with `config_path = "<hosts>:<empty root>"`; (mirror, upstream) requests and
-    what doctor says of it."""
+    what doctor says of it (with `apply_warnings`: what apply warns)."""
     with Sandbox(containerd_version=version) as sb:
         other = sb.root / "more-certs.d"
         other.mkdir()
@@ -90,6 +107,7 @@ def _multi_root_pull(
         result = _crictl_pull(sb)
         assert result.returncode == 0, result.stderr[-2000:]
         verdict = _doctor_local_pull_check(sb)
+        verdict["apply_warnings"] = "\n".join(_apply_warnings(sb))
         return (
             sb.spegel.containerd_requests(since=mirror),
             sb.upstream.containerd_requests(since=up),
@@ -108,6 +126,8 @@ def test_multi_root_config_path_is_ignored_by_the_transfer_service(version: str)
     assert mirror == [] and _fetched(upstream), (mirror, upstream)
     assert verdict["status"] == "fail" and "2 roots" in verdict["summary"], verdict
     assert "use_local_image_pull = true" in verdict["remediation"]
+    warning = verdict["apply_warnings"]  # apply says so too, from doctor's check
+    assert f"containerd {version}" in warning and "will not be read for Kubernetes" in warning
 
 
 @pytest.mark.parametrize("version", TRANSFER_SINCE)
@@ -116,6 +136,7 @@ def test_multi_root_config_path_works_with_use_local_image_pull(version: str) ->
     mirror, upstream, verdict = _multi_root_pull(version, LOCAL_PULL)
     assert _fetched(mirror) and upstream == [], (mirror, upstream)
     assert verdict["status"] == "pass", verdict
+    assert "transfer service" not in verdict["apply_warnings"]
 
 
 @pytest.mark.parametrize("version", [v for v in CONTAINERD_VERSIONS.values() if v < "2.1"])

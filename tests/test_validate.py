@@ -10,6 +10,7 @@ import pytest
 import tomlkit
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support import pki
 
 from spegel_node.errors import BadInput
 from spegel_node.validate import (
@@ -90,6 +91,13 @@ def codes(findings: list[Finding]) -> set[tuple[str, str]]:
     return {(f.severity, f.code) for f in findings}
 
 
+def support_file_text(name: str) -> str:
+    """A usable PEM file for a corpus file's `ca`/`client` name (keys match EC_CERT)."""
+    if name.endswith(".key"):
+        return pki.EC_KEY
+    return pki.EC_CERT + pki.EC_KEY if name.endswith(".pem") else pki.EC_CERT
+
+
 def node_with_support_files(tmp_path: Path, name: str) -> tuple[Path, Path]:
     """(root, hosts dir) with the certificate files a corpus file names."""
     root, file_dir = (
@@ -100,7 +108,7 @@ def node_with_support_files(tmp_path: Path, name: str) -> tuple[Path, Path]:
     for f in SUPPORT_FILES.get(name, []):
         target = root / f.lstrip("/") if f.startswith("/") else file_dir / f
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("-----BEGIN CERTIFICATE-----\n")
+        target.write_text(support_file_text(f))
     return root, file_dir
 
 
@@ -291,9 +299,9 @@ def test_ca_and_client_paths_resolve_against_file_dir_and_root(tmp_path: Path) -
     root = tmp_path / "root"
     d = root / "etc" / "containerd" / "certs.d" / "ghcr.io"
     d.mkdir(parents=True)
-    (d / "ca.crt").write_text("x")
+    (d / "ca.crt").write_text(pki.EC_CERT)
     (root / "etc" / "ssl").mkdir(parents=True)
-    (root / "etc" / "ssl" / "c.pem").write_text("x")
+    (root / "etc" / "ssl" / "c.pem").write_text(pki.EC_CERT + pki.EC_KEY)
     text = 'ca = ["ca.crt", "sub/missing.crt"]\nclient = ["/etc/ssl/c.pem", ["/etc/ssl/c.pem", "k.key"]]\n'
     findings = validate_text(text, display_path="x", file_dir=d, root=root)
     assert [(f.code, f.line) for f in findings] == [("ca.missing", 1), ("client.missing", 2)]
@@ -371,7 +379,7 @@ def test_validate_file_resolves_ca_next_to_file(tmp_path: Path) -> None:
     f = tmp_path / "hosts.toml"
     f.write_text('ca = "ca.crt"\n')
     assert codes(validate_file(f, display_path="f")) == {(E, "ca.missing")}
-    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "ca.crt").write_text(pki.RSA_CERT)
     assert validate_file(f, display_path="f") == []
 
 
@@ -507,7 +515,7 @@ def test_hosts_dir_ca_relative_to_each_dir(tmp_path: Path) -> None:
     hosts = make_hosts_dir(
         tmp_path, {"a.example": 'ca = "ca.crt"\n', "b.example": 'ca = "ca.crt"\n'}
     )
-    (hosts / "a.example" / "ca.crt").write_text("x")
+    (hosts / "a.example" / "ca.crt").write_text(pki.EC_CERT)
     findings = validate_hosts_dir(hosts, display=str)
     assert [(Path(f.path).parent.name, f.code) for f in findings] == [("b.example", "ca.missing")]
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support import pki
 from support.cli import run_cli
 
 HOSTS = "etc/containerd/certs.d"
@@ -15,7 +16,7 @@ def test_absolute_ca_paths_resolve_under_root(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     (tmp_path / "etc/certs").mkdir(parents=True)
-    (tmp_path / "etc/certs/ca.crt").write_text("PEM")
+    (tmp_path / "etc/certs/ca.crt").write_text(pki.EC_CERT)
     reg = tmp_path / HOSTS / "ghcr.io"
     reg.mkdir(parents=True)
     (reg / "hosts.toml").write_text(
@@ -35,7 +36,7 @@ def test_errors_exit_1_and_strict_turns_warnings_into_failures(
     assert result.code == 1
     assert "capabilities.type" in result.out
     warn = tmp_path / "warn.toml"
-    warn.write_text('server = "127.0.0.1:5001"\n')
+    warn.write_text('server = "127.0.0.1:5001"\n[host."http://127.0.0.1:5002"]\n')
     assert run_cli(capsys, "validate", str(warn)).code == 0
     assert run_cli(capsys, "validate", str(warn), "--strict").code == 1
 

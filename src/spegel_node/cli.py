@@ -349,13 +349,13 @@ def validate(
       spegel-node validate ./certs.d --containerd-version 1.7.20 --strict
     """
     from spegel_node.report import findings_report
-    from spegel_node.validate_paths import validate_targets
+    from spegel_node.validate_paths import Rules, node_rules, validate_targets
 
-    version = None
+    rules = None
     if containerd_version:
         from spegel_node.validate import parse_containerd_version
 
-        version = parse_containerd_version(containerd_version)
+        rules = Rules(parse_containerd_version(containerd_version), "--containerd-version")
     if paths:
         targets = [str(p) for p in paths]
     else:
@@ -363,8 +363,10 @@ def validate(
         from spegel_node.apply import hosts_dir_of
 
         targets = [hosts_dir_of(layout)]
-    findings, files = validate_targets(common.node, targets, version)
-    findings_report(findings, files, common.output, strict)
+    if rules is None:
+        rules = node_rules(common.node, lambda: _settings_and_layout(common))
+    findings, files = validate_targets(common.node, targets, rules.version)
+    findings_report(findings, files, common.output, strict, rules)
     failing = [f for f in findings if f.severity == "error" or strict]
     return 1 if failing else 0
 

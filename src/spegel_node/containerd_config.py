@@ -32,7 +32,9 @@ DEFAULT_ROOT = "/var/lib/containerd"
 CONTENT_PLUGIN = "io.containerd.content.v1.content"
 V2_CRI = "io.containerd.grpc.v1.cri"  # containerd 1.x CRI plugin (config versions 1-2)
 V1_CRI = "cri"  # the same plugin's short name in version-1 files
-V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x CRI image service (version 3)
+V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x CRI image service (versions 3-4)
+GRPC_PLUGIN = "io.containerd.server.v1.grpc"  # version 4 (2.3+): the gRPC server's own plugin
+KNOWN_VERSIONS = (1, 2, 3, 4)  # 4: containerd 2.3+ (`containerd config default` writes it)
 _CRI_KEYS = ("config_path", "discard_unpacked_layers", "use_local_image_pull", "registry_mirrors")
 
 
@@ -123,16 +125,16 @@ def config_snippet(
     If the file already has one of these tables, the keys belong in the existing table
     (TOML does not allow a table twice).
     """
-    if version not in (1, 2, 3):
-        raise ValueError(f"containerd config version must be 1, 2 or 3, got {version}")
+    if version not in KNOWN_VERSIONS:
+        raise ValueError(f"containerd config version must be 1, 2, 3 or 4, got {version}")
     discard = _pairs(discard_unpacked_layers=discard_unpacked_layers)
     registry = _pairs(config_path=config_path)
-    if version == 3:
+    if version >= 3:
         images = f'plugins."{V3_IMAGES}"'
         local = _pairs(use_local_image_pull=use_local_image_pull)
         tables = [(images, discard + local), (f"{images}.registry", registry)]
     elif use_local_image_pull is not None:
-        raise ValueError("use_local_image_pull exists only in version 3 configs (containerd 2.1+)")
+        raise ValueError("use_local_image_pull exists only in version 3+ configs (containerd 2.1+)")
     else:
         cri = V1_CRI if version == 1 else f'"{V2_CRI}"'
         tables = [(f"plugins.{cri}.registry", registry), (f"plugins.{cri}.containerd", discard)]
@@ -182,15 +184,14 @@ def _parse(path: str, data: dict[str, Any], layout_version: int | None = None) -
     """One file's values. `layout_version`: the version whose plugin names count (containerd 1.x
     reads an imported file's plugins by the main file's version, whatever the import says)."""
     version = _get(path, data, "version", int, "") or 1
-    if version not in (1, 2, 3):
-        raise _fail(path, f"unsupported config version {version} (containerd knows 1, 2 and 3)")
+    if version not in KNOWN_VERSIONS:
+        raise _fail(path, f"unsupported config version {version} (containerd knows 1, 2, 3 and 4)")
     imports = _get(path, data, "imports", list, "") or []
     if not all(isinstance(i, str) for i in imports):
         raise _fail(path, f"imports must be a list of strings, got {imports!r}")
     top = {"root": _get(path, data, "root", str, "")}
-    grpc = _get(path, data, "grpc", dict, "") or {}
-    top["address"] = _get(path, grpc, "address", str, "[grpc] ")
     plugins = _get(path, data, "plugins", dict, "") or {}
+    top["address"] = _grpc_address(path, version, data, plugins)
     cri_table, cri = _cri_values(path, layout_version or version, plugins)
     return _File(
         path=path,
@@ -200,6 +201,17 @@ def _parse(path: str, data: dict[str, Any], layout_version: int | None = None) -
         cri_table=cri_table,
         cri=cri,
     )
+
+
+def _grpc_address(path: str, version: int, data: dict[str, Any], plugins: dict[str, Any]) -> Any:
+    """The socket a file sets: `[grpc] address` up to version 3; in version 4 (containerd
+    2.3+) `[plugins."io.containerd.server.v1.grpc"] address`, and a `[grpc]` table there is
+    not read (2.3.7's serviceMigrate moves it only when migrating a version 3 file)."""
+    if version >= 4:
+        server = _get(path, plugins, GRPC_PLUGIN, dict, "[plugins] ") or {}
+        return _get(path, server, "address", str, f'[plugins."{GRPC_PLUGIN}"] ')
+    grpc = _get(path, data, "grpc", dict, "") or {}
+    return _get(path, grpc, "address", str, "[grpc] ")
 
 
 def _cri_values(path: str, version: int, plugins: dict[str, Any]) -> tuple[bool, dict[str, Any]]:

@@ -45,6 +45,7 @@ import tomlkit
 from spegel_node import fsutil, tomlload
 from spegel_node.changes import FileChange
 from spegel_node.containerd_config import (
+    KNOWN_VERSIONS,
     V1_CRI,
     V2_CRI,
     V3_IMAGES,
@@ -228,7 +229,7 @@ def _check_config(config: ContainerdConfig | None, hosts_dir: str, override: str
 
 def placements(version: int, config_path: str) -> list[Placement]:
     """The two settings' tables and keys in a config of `version`."""
-    if version == 3:
+    if version >= 3:  # 4 (containerd 2.3+) keeps version 3's CRI tables
         return [
             Placement(("plugins", V3_IMAGES, "registry"), "config_path", config_path),
             Placement(("plugins", V3_IMAGES), "discard_unpacked_layers", False),
@@ -242,7 +243,7 @@ def placements(version: int, config_path: str) -> list[Placement]:
 
 def _file_version(data: dict[str, Any], default: int) -> int:
     version = data.get("version")
-    return version if isinstance(version, int) and version in (1, 2, 3) else default
+    return version if isinstance(version, int) and version in KNOWN_VERSIONS else default
 
 
 def _has_cri_table(data: dict[str, Any], version: int) -> bool:

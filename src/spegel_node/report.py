@@ -10,6 +10,7 @@ from spegel_node.apply import Outcome
 from spegel_node.layout import Layout
 from spegel_node.output import print_json, print_lines, print_table
 from spegel_node.validate import Finding
+from spegel_node.validate_paths import Rules
 
 
 def _cell(value: object) -> str:
@@ -93,13 +94,21 @@ def outcome_report(outcome: Outcome, output: str) -> None:
     print(summary if n else "nothing to change")
 
 
-def findings_report(findings: Sequence[Finding], files: int, output: str, strict: bool) -> None:
+def findings_report(
+    findings: Sequence[Finding],
+    files: int,
+    output: str,
+    strict: bool,
+    rules: Rules | None = None,
+) -> None:
+    """`rules`: whose containerd rules were applied (JSON `rules`, a last text line)."""
     errors = [f for f in findings if f.severity == "error" or strict]
     if output == "json":
         print_json(
             {
                 "ok": not errors,
                 "files": files,
+                **({"rules": rules.to_json()} if rules is not None else {}),
                 "findings": [
                     {
                         "path": f.path,
@@ -122,3 +131,5 @@ def findings_report(findings: Sequence[Finding], files: int, output: str, strict
     n_err = sum(1 for f in findings if f.severity == "error")
     n_warn = len(findings) - n_err
     print(f"{files} file{'s' if files != 1 else ''} checked: {n_err} error(s), {n_warn} warning(s)")
+    if rules is not None:
+        print(f"rules: {rules.label} ({rules.source})")

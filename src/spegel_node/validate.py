@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spegel_node import fsutil
+from spegel_node import fsutil, pem
 from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.godur import GO_DURATION
 from spegel_node.hostsdir_rules import DEFAULT_DIR, shadowed_by
@@ -523,6 +523,14 @@ class _Checker:
         for p in paths:
             if not self._file_exists(p):
                 self.add(line, ERROR, "ca.missing", f"{where}: file {p!r} does not exist")
+            elif (data := self._file_bytes(p)) is not None and (bad := pem.ca_problem(data)):
+                self.add(
+                    line,
+                    ERROR,
+                    "ca.invalid",
+                    f"{where}: {p!r} {bad}: containerd fails every pull of this registry "
+                    "(unable to load CA cert)",
+                )
 
     def _check_client(self, value: Any, where: str, line: int | None) -> None:
         entries = [value] if isinstance(value, str) else value
@@ -547,9 +555,24 @@ class _Checker:
                 f"{where}: a pair must be [cert, key], got {len(files)} item(s)",
             )
             return
-        for f in files:
-            if not self._file_exists(f):
-                self.add(line, ERROR, "client.missing", f"{where}: file {f!r} does not exist")
+        missing = [f for f in files if not self._file_exists(f)]
+        for f in missing:
+            self.add(line, ERROR, "client.missing", f"{where}: file {f!r} does not exist")
+        if missing or self.file_dir is None:
+            return
+        cert = self._file_bytes(files[0])
+        key = self._file_bytes(files[1]) if len(files) == 2 and files[1] else cert
+        if cert is None or key is None:
+            return
+        if bad := pem.client_problem(cert, key):
+            shown = " and ".join(repr(f) for f in files)
+            self.add(
+                line,
+                ERROR,
+                "client.invalid",
+                f"{where}: {shown}: {bad}: containerd fails every pull of this registry "
+                "(failed to load X509 key pair)",
+            )
 
     def _check_skip_verify(self, value: Any, where: str, line: int | None) -> None:
         self._check_bool(value, "skip_verify.type", where, line)
@@ -598,6 +621,16 @@ class _Checker:
                 "dial_timeout.invalid",
                 f'{where} is not a duration such as "200ms" (a number needs a unit)',
             )
+
+    def _file_bytes(self, name: str) -> bytes | None:
+        """A `ca`/`client` file's bytes (None: not checked, e.g. too large or unreadable)."""
+        if self.file_dir is None:
+            return None
+        host = self.root / name.lstrip("/") if Path(name).is_absolute() else self.file_dir / name
+        try:
+            return _read_capped(host)
+        except (OSError, ValueError):
+            return None
 
     def _file_exists(self, name: str) -> bool:
         if self.file_dir is None:

@@ -354,11 +354,14 @@ class ContainerdProc(_Daemon):
         self._version = ""
         self.config_path_value = str(hosts_dir)  # CRI's config_path; may list several roots
         self.config_extra = ""  # appended to config.toml (version 2) as is
+        self.config_text: str | None = None  # a whole config.toml of its own instead
 
     def start(self) -> None:
         for sub in ("root", "state"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self._config())
+        self.config_path.write_text(
+            self._config() if self.config_text is None else self.config_text
+        )
         cmd = [self.binary, "--config", str(self.config_path)]
         self._launch(cmd, self.log_path, self.log_path, f"containerd on {self.socket}")
 

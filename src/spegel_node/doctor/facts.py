@@ -113,7 +113,9 @@ class Facts:
         processes: Sequence[ContainerdProcess] | None = None,
         now: Callable[[], float] = time.time,
         command_options: Sequence[tuple[str, str]] = (),
+        layout: Layout | None = None,
     ) -> None:
+        """`layout`: one already detected (apply's), used instead of detecting again."""
         self.node = node
         # (flag, value) doctor was given besides --root (--config, --hosts-dir, ...): the fix
         # commands doctor prints repeat them (remedy.cli_command)
@@ -128,6 +130,8 @@ class Facts:
         self._processes = processes
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
+        if layout is not None:
+            self._slots["layout"] = _Slot(done=True, value=(layout, ""))
 
     def _once(self, key: str, compute: Callable[[], T]) -> T:
         with self._lock:
