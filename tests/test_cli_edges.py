@@ -308,7 +308,8 @@ def test_apply_writes_the_filled_in_mirror(
     first = text.index('[host."http://[fd00::5]:29999"]')
     assert text.index('[host."http://[fd00::5]:30021"]') > first
     assert "{node_ip}" not in text
-    validate = run_cli(capsys, "validate", "--strict", *common)
+    # 2.x reads the IPv6 header form; 1.x drops it (apply refuses there: test_containerd_matrix)
+    validate = run_cli(capsys, "validate", "--strict", "--containerd-version", "2.3.7", *common)
     assert validate.code == 0, validate.out
     again = run_cli(capsys, "apply", "--no-gate", *common, "-o", "json")
     data = json.loads(again.out)
