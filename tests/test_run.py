@@ -59,7 +59,7 @@ def node(tmp_path: Path, v2_port: int) -> Path:
     return root
 
 
-def start(root: Path, ready: Path) -> subprocess.Popen[str]:
+def start(root: Path, ready: Path, *extra: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(SRC))
     env.pop("JOURNAL_STREAM", None)
     env.pop("NOTIFY_SOCKET", None)
@@ -73,6 +73,7 @@ def start(root: Path, ready: Path) -> subprocess.Popen[str]:
             str(root),
             "--ready-file",
             str(ready),
+            *extra,
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -165,4 +166,55 @@ def test_bad_config_at_start_exits_2(node: Path, tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert "probe_interval" in err
+    assert not (node / HOSTS).exists()
+
+
+def metrics(text: str) -> dict[str, float]:
+    """`name{labels}` -> value of a Prometheus text exposition (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_textfile_is_doctors_and_refreshed_after_sighup(
+    node: Path, tmp_path: Path, v2_port: int
+) -> None:
+    textfile_dir = tmp_path / "textfile"
+    textfile_dir.mkdir()
+    prom = textfile_dir / "spegel_node.prom"
+    ready = tmp_path / "ready"
+    proc = start(node, ready, "--textfile", str(prom))
+    try:
+        wait_for(proc, prom.exists)
+        first = metrics(prom.read_text())
+        assert first['spegel_node_check_status{id="hosts.ghcr.io",status="pass"}'] == 1
+        assert first['spegel_node_check_status{id="spegel.v2",status="pass"}'] == 1
+        stamp = "spegel_node_doctor_last_run_timestamp_seconds"
+        # the file is not rewritten within the minute; SIGHUP (a reload) refreshes it
+        proc.send_signal(signal.SIGHUP)
+        wait_for(proc, lambda: metrics(prom.read_text())[stamp] > first[stamp])
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert "event=textfile" in err
+    assert sorted(p.name for p in textfile_dir.iterdir()) == ["spegel_node.prom"]  # no temp left
+    # the same series as `doctor --textfile` on the same node
+    own = textfile_dir / "doctor.prom"
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    done = subprocess.run(
+        [sys.executable, "-m", "spegel_node", "doctor", "--root", str(node), "--textfile", str(own)],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr
+    assert set(metrics(own.read_text())) == set(metrics(prom.read_text()))
+
+
+def test_textfile_in_a_missing_dir_exits_2(node: Path, tmp_path: Path) -> None:
+    proc = start(node, tmp_path / "ready", "--textfile", str(tmp_path / "nope/x.prom"))
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "--textfile" in err and len(err.strip().splitlines()) == 1
     assert not (node / HOSTS).exists()

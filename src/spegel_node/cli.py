@@ -447,6 +447,15 @@ def run_command(
             help="Write FILE (used as given) once the first apply is done; removed on exit.",
         ),
     ] = None,
+    textfile: Annotated[
+        Path | None,
+        typer.Option(
+            "--textfile",
+            help="Also write doctor's results to FILE (used as given, atomically) as "
+            "`doctor --textfile` does: at the first cycle, then at most once a minute, and "
+            "after SIGHUP.",
+        ),
+    ] = None,
 ) -> int:
     """Keep the node applied: watch the hosts dir, probe /v2/, repair at once.
 
@@ -461,6 +470,8 @@ def run_command(
       spegel-node run
 
       spegel-node run --root /host --ready-file /tmp/ready
+
+      spegel-node run --textfile /var/lib/node_exporter/textfile/spegel_node.prom
     """
     from spegel_node.reconcile import run_reconciler
 
@@ -469,6 +480,7 @@ def run_command(
         lambda: _settings_and_layout(common),
         use_gate=not no_gate,
         ready_file=ready_file,
+        textfile=textfile,
     )
 
 
