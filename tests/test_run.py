@@ -199,7 +199,7 @@ def test_textfile_is_doctors_and_refreshed_after_sighup(
     finally:
         code, err = stop(proc)
     assert code == 0, err
-    assert "event=textfile" in err
+    assert "event=doctor" in err and f"textfile={prom}" in err
     assert sorted(p.name for p in textfile_dir.iterdir()) == ["spegel_node.prom"]  # no temp left
     # the same series as `doctor --textfile` on the same node
     own = textfile_dir / "doctor.prom"
@@ -218,3 +218,23 @@ def test_textfile_in_a_missing_dir_exits_2(node: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "--textfile" in err and len(err.strip().splitlines()) == 1
     assert not (node / HOSTS).exists()
+
+
+def test_doctor_only_writes_nothing_to_the_node(node: Path, tmp_path: Path) -> None:
+    """--doctor-only (Talos, Bottlerocket pods): doctor's results, and the node untouched."""
+    before = sorted(str(p.relative_to(node)) for p in node.rglob("*"))
+    prom = tmp_path / "spegel_node.prom"
+    ready = tmp_path / "ready"
+    proc = start(node, ready, "--doctor-only", "--textfile", str(prom))
+    try:
+        wait_for(proc, prom.exists)
+        got = metrics(prom.read_text())
+        # nothing applied: the hosts files doctor looks for are missing
+        assert got['spegel_node_check_status{id="hosts.ghcr.io",status="pass"}'] == 0
+        assert got["spegel_node_doctor_ok"] == 0
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert "mode=doctor-only" in err and "event=doctor" in err and "failed=" in err
+    assert "event=apply" not in err
+    assert sorted(str(p.relative_to(node)) for p in node.rglob("*")) == before

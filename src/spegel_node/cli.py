@@ -456,6 +456,15 @@ def run_command(
             "after SIGHUP.",
         ),
     ] = None,
+    doctor_only: Annotated[
+        bool,
+        typer.Option(
+            "--doctor-only",
+            help="Never write to the node: run doctor once a minute and log its failed "
+            "checks (and --textfile). For Talos and Bottlerocket, whose mirrors live in the "
+            "machine config or API settings.",
+        ),
+    ] = False,
 ) -> int:
     """Keep the node applied: watch the hosts dir, probe /v2/, repair at once.
 
@@ -472,6 +481,8 @@ def run_command(
       spegel-node run --root /host --ready-file /tmp/ready
 
       spegel-node run --textfile /var/lib/node_exporter/textfile/spegel_node.prom
+
+      spegel-node run --root /host --doctor-only
     """
     from spegel_node.reconcile import run_reconciler
 
@@ -481,6 +492,7 @@ def run_command(
         use_gate=not no_gate,
         ready_file=ready_file,
         textfile=textfile,
+        doctor_only=doctor_only,
     )
 
 
