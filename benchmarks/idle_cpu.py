@@ -178,8 +178,9 @@ def measure(bin_dir: Path, window_s: float, runs: int) -> list[Row]:
     exe = str(bin_dir / "spegel-node")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="spegel-node-idle-") as tmp, v2_server() as port:
+        roots = {}
         for interval in ("", "5s"):
-            root = make_node(Path(tmp), port, interval)
+            root = roots[interval] = make_node(Path(tmp), port, interval)
             apply_cpu(exe, root)  # the first apply creates the files
             cpu, wall, changes = idle_run(exe, root, window_s)
             rows.append(
@@ -189,7 +190,7 @@ def measure(bin_dir: Path, window_s: float, runs: int) -> list[Row]:
                     f"{cpu * 1000:.0f} ms CPU over {wall:.0f} s, {changes} change applies",
                 )
             )
-        root = make_node(Path(tmp), port)
+        root = roots[""]
         prom_dir = Path(tmp) / "textfile"
         prom_dir.mkdir()
         prom = str(prom_dir / "spegel_node.prom")

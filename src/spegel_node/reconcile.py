@@ -212,7 +212,7 @@ class Reconciler:
         self.textfile = textfile
         self.doctor_only = doctor_only
         if textfile is not None or doctor_only:  # imported now: the first run costs no more
-            import spegel_node.doctor  # noqa: F401
+            import spegel_node.doctor
             import spegel_node.doctor.promtext  # noqa: F401
         self._doctor: threading.Thread | None = None
         self._doctor_started = -float("inf")
