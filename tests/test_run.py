@@ -238,3 +238,52 @@ def test_doctor_only_writes_nothing_to_the_node(node: Path, tmp_path: Path) -> N
     assert "mode=doctor-only" in err and "event=doctor" in err and "failed=" in err
     assert "event=apply" not in err
     assert sorted(str(p.relative_to(node)) for p in node.rglob("*")) == before
+
+
+class _Switch(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(type(self).status if self.path == "/v2/" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_probe_only_cycles_still_feed_the_gate(node: Path, tmp_path: Path) -> None:
+    """Healthy probes are the request alone (stop's probes= counts them); the first failure goes
+    through the full apply, so the gate still withdraws after gate_failures and restores on the
+    first success."""
+
+    class Handler(_Switch):
+        status = 200
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    (node / "etc/spegel-node/config.toml").write_text(config_text(port))
+    ghcr = node / HOSTS / "ghcr.io/hosts.toml"
+    ready = tmp_path / "ready"
+    proc = start(node, ready)
+    try:
+        wait_for(proc, ready.exists)
+        assert spegel_first(ghcr, port)
+        Handler.status = 503
+        wait_for(proc, lambda: not spegel_first(ghcr, port))  # withdrawn
+        Handler.status = 200
+        wait_for(proc, lambda: spegel_first(ghcr, port))  # restored
+        # a few healthy cycles again (200ms each): they are probe-only
+        deadline = time.monotonic() + 1.0
+        wait_for(proc, lambda: time.monotonic() > deadline)
+    finally:
+        code, err = stop(proc)
+        server.shutdown()
+        server.server_close()
+    assert code == 0, err
+    assert "withdrawing mirror" in err and "answers again" in err
+    (stop_line,) = [line for line in err.splitlines() if "event=stop" in line]
+    probes = int(stop_line.split("probes=")[1].split()[0])
+    assert probes >= 2, stop_line
+    assert float(stop_line.split("cpu_s=")[1].split()[0]) > 0
