@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from support.fake_nodes import make_containerd
 from support.peers import peer_bin
 from support.sandbox import ContainerdProc
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "localhost/spegel-node:test"
 LOCK = REPO / "scripts/image.lock"
 NONROOT = "65532"
+DAEMONSET = "docs/flux/kubernetes/main/apps/kube-system/spegel-node/app/daemonset.yaml"
 
 
 def _build(out: Path) -> str:
@@ -123,10 +125,12 @@ def imported(
     return ctr, root
 
 
-def ctr_run(ctr: list[str], root: Path, name: str, *args: str, user: str = "") -> list[str]:
+def ctr_run(
+    ctr: list[str], root: Path, name: str, *args: str, user: str = "", flags: tuple[str, ...] = ()
+) -> list[str]:
     mount = f"type=bind,src={root},dst=/host,options=rbind:rw"
     as_user = ["--user", user] if user else []
-    return [*ctr, "run", "--rm", *as_user, "--mount", mount, NAME, name, *args]
+    return [*ctr, "run", "--rm", *as_user, *flags, "--mount", mount, NAME, name, *args]
 
 
 def test_imported_and_run_it_applies_and_diagnoses_the_host_tree(
@@ -178,7 +182,7 @@ def test_run_in_the_image_repairs_the_host_tree_and_stops_on_sigterm(
     argv = ctr_run(
         ctr, root, name,
         "/usr/bin/spegel-node", "--root", "/host", "run", "--no-gate", "--ready-file", "/host/ready",
-        user="0:0",
+        user="0:0", flags=("--read-only",),  # as the DaemonSet: readOnlyRootFilesystem
     )  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     hosts = root / "etc/containerd/certs.d/docker.io/hosts.toml"
@@ -189,6 +193,21 @@ def test_run_in_the_image_repairs_the_host_tree_and_stops_on_sigterm(
         hosts.unlink()
         hosts.write_text('server = "https://registry-1.docker.io"\n')
         wait_for(proc, lambda: "127.0.0.1:29999" in hosts.read_text())
+        # the DaemonSet's startupProbe, exec'd in the running container, on this ready file
+        ds = yaml.safe_load((REPO / DAEMONSET).read_text())
+        probe = ds["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["exec"]["command"]
+        probe = [arg.replace("/run/spegel-node/ready", "/host/ready") for arg in probe]
+        execd = subprocess.run(
+            [*ctr, "task", "exec", "--exec-id", "probe", name, *probe],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert execd.returncode == 0, execd.stderr
+        missing = [arg.replace("/host/ready", "/host/nothing") for arg in probe]
+        execd = subprocess.run(
+            [*ctr, "task", "exec", "--exec-id", "probe2", name, *missing],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert execd.returncode != 0
     finally:
         subprocess.run(
             [*ctr, "task", "kill", "-s", "SIGTERM", name], capture_output=True, timeout=30
