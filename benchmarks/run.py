@@ -49,6 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import idle_cpu  # noqa: E402
 from support import fake_nodes  # noqa: E402
 from support.sandbox import HangingServer, Sandbox, missing_binaries  # noqa: E402
 
@@ -546,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-dev", action="store_true", help="skip the dev-venv comparison")
     parser.add_argument(
+        "--idle-window", type=float, default=60.0, help="idle seconds `run` is measured over"
+    )
+    parser.add_argument(
         "--rev",
         help="measure this commit (git archive) instead of the work tree, e.g. HEAD or HEAD~1",
     )
@@ -614,6 +618,15 @@ def run_all(args: argparse.Namespace, bin_dirs: dict[str, Path], tmp: Path, rows
         rows += bench_doctor(bin_dirs, tmp, args.runs)
         rows.append(bench_doctor_many(clean, tmp, args.runs, 200))
         print(rows[-1].line(), flush=True)
+        section("idle CPU per day: run vs the timer + path pair (benchmarks/idle_cpu.py)")
+        try:
+            idle = idle_cpu.measure(clean, args.idle_window, args.runs)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            raise BenchError(f"idle CPU: {e}") from e
+        for row in idle:
+            print(row.line(), flush=True)
+        verdict = "within" if idle[0].per_day_s <= idle_cpu.GOAL_RUN_S else "OVER"
+        print(f"goal for run: under {idle_cpu.GOAL_RUN_S:.0f} CPU-s/day: {verdict}")
     except BenchError as e:
         print(f"\nbenchmark failed: {e}", file=sys.stderr)
         return 1

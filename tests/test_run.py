@@ -59,7 +59,7 @@ def node(tmp_path: Path, v2_port: int) -> Path:
     return root
 
 
-def start(root: Path, ready: Path) -> subprocess.Popen[str]:
+def start(root: Path, ready: Path, *extra: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(SRC))
     env.pop("JOURNAL_STREAM", None)
     env.pop("NOTIFY_SOCKET", None)
@@ -73,6 +73,7 @@ def start(root: Path, ready: Path) -> subprocess.Popen[str]:
             str(root),
             "--ready-file",
             str(ready),
+            *extra,
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -166,3 +167,123 @@ def test_bad_config_at_start_exits_2(node: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "probe_interval" in err
     assert not (node / HOSTS).exists()
+
+
+def metrics(text: str) -> dict[str, float]:
+    """`name{labels}` -> value of a Prometheus text exposition (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_textfile_is_doctors_and_refreshed_after_sighup(
+    node: Path, tmp_path: Path, v2_port: int
+) -> None:
+    textfile_dir = tmp_path / "textfile"
+    textfile_dir.mkdir()
+    prom = textfile_dir / "spegel_node.prom"
+    ready = tmp_path / "ready"
+    proc = start(node, ready, "--textfile", str(prom))
+    try:
+        wait_for(proc, prom.exists)
+        first = metrics(prom.read_text())
+        assert first['spegel_node_check_status{id="hosts.ghcr.io",status="pass"}'] == 1
+        assert first['spegel_node_check_status{id="spegel.v2",status="pass"}'] == 1
+        stamp = "spegel_node_doctor_last_run_timestamp_seconds"
+        # the file is not rewritten within the minute; SIGHUP (a reload) refreshes it
+        proc.send_signal(signal.SIGHUP)
+        wait_for(proc, lambda: metrics(prom.read_text())[stamp] > first[stamp])
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert "event=doctor" in err and f"textfile={prom}" in err
+    assert sorted(p.name for p in textfile_dir.iterdir()) == ["spegel_node.prom"]  # no temp left
+    # the same series as `doctor --textfile` on the same node
+    own = textfile_dir / "doctor.prom"
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    done = subprocess.run(
+        [sys.executable, "-m", "spegel_node", "doctor", "--root", str(node), "--textfile", str(own)],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr
+    assert set(metrics(own.read_text())) == set(metrics(prom.read_text()))
+
+
+def test_textfile_in_a_missing_dir_exits_2(node: Path, tmp_path: Path) -> None:
+    proc = start(node, tmp_path / "ready", "--textfile", str(tmp_path / "nope/x.prom"))
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "--textfile" in err and len(err.strip().splitlines()) == 1
+    assert not (node / HOSTS).exists()
+
+
+def test_doctor_only_writes_nothing_to_the_node(node: Path, tmp_path: Path) -> None:
+    """--doctor-only (Talos, Bottlerocket pods): doctor's results, and the node untouched."""
+    before = sorted(str(p.relative_to(node)) for p in node.rglob("*"))
+    prom = tmp_path / "spegel_node.prom"
+    ready = tmp_path / "ready"
+    proc = start(node, ready, "--doctor-only", "--textfile", str(prom))
+    try:
+        wait_for(proc, prom.exists)
+        got = metrics(prom.read_text())
+        # nothing applied: the hosts files doctor looks for are missing
+        assert got['spegel_node_check_status{id="hosts.ghcr.io",status="pass"}'] == 0
+        assert got["spegel_node_doctor_ok"] == 0
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert "mode=doctor-only" in err and "event=doctor" in err and "failed=" in err
+    assert "event=apply" not in err
+    assert sorted(str(p.relative_to(node)) for p in node.rglob("*")) == before
+
+
+class _Switch(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(type(self).status if self.path == "/v2/" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_probe_only_cycles_still_feed_the_gate(node: Path, tmp_path: Path) -> None:
+    """Healthy probes are the request alone (stop's probes= counts them); the first failure goes
+    through the full apply, so the gate still withdraws after gate_failures and restores on the
+    first success."""
+
+    class Handler(_Switch):
+        status = 200
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    (node / "etc/spegel-node/config.toml").write_text(config_text(port))
+    ghcr = node / HOSTS / "ghcr.io/hosts.toml"
+    ready = tmp_path / "ready"
+    proc = start(node, ready)
+    try:
+        wait_for(proc, ready.exists)
+        assert spegel_first(ghcr, port)
+        Handler.status = 503
+        wait_for(proc, lambda: not spegel_first(ghcr, port))  # withdrawn
+        Handler.status = 200
+        wait_for(proc, lambda: spegel_first(ghcr, port))  # restored
+        # a few healthy cycles again (200ms each): they are probe-only
+        deadline = time.monotonic() + 1.0
+        wait_for(proc, lambda: time.monotonic() > deadline)
+    finally:
+        code, err = stop(proc)
+        server.shutdown()
+        server.server_close()
+    assert code == 0, err
+    assert "withdrawing mirror" in err and "answers again" in err
+    (stop_line,) = [line for line in err.splitlines() if "event=stop" in line]
+    probes = int(stop_line.split("probes=")[1].split()[0])
+    assert probes >= 2, stop_line
+    assert float(stop_line.split("cpu_s=")[1].split()[0]) > 0

@@ -477,6 +477,24 @@ def run_command(
             help="Write FILE (used as given) once the first apply is done; removed on exit.",
         ),
     ] = None,
+    textfile: Annotated[
+        Path | None,
+        typer.Option(
+            "--textfile",
+            help="Also write doctor's results to FILE (used as given, atomically) as "
+            "`doctor --textfile` does: at the first cycle, then at most once a minute, and "
+            "after SIGHUP.",
+        ),
+    ] = None,
+    doctor_only: Annotated[
+        bool,
+        typer.Option(
+            "--doctor-only",
+            help="Never write to the node: run doctor once a minute and log its failed "
+            "checks (and --textfile). For Talos and Bottlerocket, whose mirrors live in the "
+            "machine config or API settings.",
+        ),
+    ] = False,
 ) -> int:
     """Keep the node applied: watch the hosts dir, probe /v2/, repair at once.
 
@@ -491,6 +509,10 @@ def run_command(
       spegel-node run
 
       spegel-node run --root /host --ready-file /tmp/ready
+
+      spegel-node run --textfile /var/lib/node_exporter/textfile/spegel_node.prom
+
+      spegel-node run --root /host --doctor-only
     """
     from spegel_node.reconcile import run_reconciler
 
@@ -499,6 +521,8 @@ def run_command(
         lambda: _settings_and_layout(common),
         use_gate=not no_gate,
         ready_file=ready_file,
+        textfile=textfile,
+        doctor_only=doctor_only,
     )
 
 

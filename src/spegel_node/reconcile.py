@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ from spegel_node.settings import Settings
 DEBOUNCE_S = 0.005  # quiet time after the last event before applying
 DEBOUNCE_MAX_S = 0.1  # a steady stream of events still gets an apply this often
 BACKOFF_MAX_S = 60.0
+# A full apply (hosts dir scanned, record read) at least this often even when nothing changed:
+# the safety net for an event inotify could not give (a queue overflow, a state record changed
+# by hand). Between them a probe that finds the mirror as healthy as the gate already has it is
+# only the /v2/ request, about 0.7 ms of CPU (docs/performance.md, "idle CPU").
+RESYNC_S = 300.0
+# `--textfile`: doctor runs (in a thread, one at a time) at the first cycle and then at the
+# first cycle (probe or change) at least this long after the last run began. A doctor run costs
+# about 7-10 ms of CPU on a quiet node (more where it asks containerd and crictl): at every 10 s
+# probe that alone would be 60-90 CPU-s a day; once a minute it measured 15 (idle_cpu.py).
+TEXTFILE_INTERVAL_S = 60.0
 
 # <linux/inotify.h>
 IN_MODIFY = 0x002
@@ -181,16 +192,38 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Reconciler:
+    inotify: Inotify  # set by loop()
+
     def __init__(
-        self, node: Node, loader: Loader, *, use_gate: bool, ready_file: Path | None
+        self,
+        node: Node,
+        loader: Loader,
+        *,
+        use_gate: bool,
+        ready_file: Path | None,
+        textfile: Path | None = None,
+        doctor_only: bool = False,
     ) -> None:
         self.node = node
         self.loader = loader
         self.use_gate = use_gate
         self.ready_file = ready_file
+        if textfile is not None and not textfile.parent.is_dir():
+            raise BadInput(f"--textfile {textfile}: directory {textfile.parent} does not exist")
+        self.textfile = textfile
+        self.doctor_only = doctor_only
+        if textfile is not None or doctor_only:  # imported now: the first run costs no more
+            import spegel_node.doctor
+            import spegel_node.doctor.promtext  # noqa: F401
+        self._doctor: threading.Thread | None = None
+        self._doctor_started = -float("inf")
         self.settings, self.layout = loader()  # BadInput here: exit 2 at the edge
         self.backoff = Backoff(go_duration_seconds(self.settings.probe_interval))
         self.applies = 0
+        self.probes = 0  # probe cycles that were the /v2/ request alone
+        self._steady = False  # the last full apply left the gate open with no failure counted
+        self._last_full = -float("inf")
+        self._mirror_url = ""  # the mirror the last full apply probed (node_ip resolved)
 
     @property
     def hosts_path(self) -> Path:
@@ -218,8 +251,18 @@ class Reconciler:
             log("apply", "error", reason=reason, error=e.strerror or e)
             return False
         self.applies += 1
+        self._last_full = time.monotonic()
         changed = len(outcome.plan.changes)
         withdrawn = bool(outcome.gate and outcome.gate.withdrawn)
+        self._mirror_url = outcome.mirror_urls[0] if outcome.mirror_urls else ""
+        self._steady = bool(
+            self._mirror_url
+            and self.use_gate
+            and outcome.gate is not None
+            and not outcome.gate.withdrawn
+            and outcome.gate.consecutive_failures == 0
+            and not outcome.plan.problems
+        )
         fields: dict[str, object] = {"reason": reason, "changed": changed}
         if outcome.probe is not None:
             fields["probe"] = outcome.probe.detail
@@ -235,6 +278,64 @@ class Reconciler:
             log("probe", "debug", **fields)
         return not withdrawn
 
+    def probe_cycle(self) -> bool:
+        """A probe cycle; False when the gate has the mirror withdrawn. While the gate is open
+        and the last full apply was clean, a /v2/ answering 200 changes nothing (the gate's next
+        state is the one it has, the hosts dir is watched): that is the whole cycle. A failed
+        probe, a withdrawn gate, or RESYNC_S since the last full apply: the full apply, which
+        probes again and counts the failure (so a dead mirror costs one more probe, once)."""
+        if not self.use_gate:  # nothing to probe: the cycle is the resync alone
+            if time.monotonic() >= self._last_full + RESYNC_S:
+                self.apply("resync", reprobe=False)
+                watch_tree(self.inotify, self.hosts_path)
+            return True
+        if self._steady and time.monotonic() < self._last_full + RESYNC_S:
+            from spegel_node import gate
+
+            if gate.probe_v2(self._mirror_url).ok:  # no line: nothing happened (see `stop`)
+                self.probes += 1
+                return True
+        advertised = self.apply("probe", reprobe=True)
+        watch_tree(self.inotify, self.hosts_path)
+        return advertised
+
+    def maybe_textfile(self, now: float) -> None:
+        """Start a doctor run (for the textfile, or doctor-only) when one is due and none is
+        running."""
+        if self.textfile is None and not self.doctor_only:
+            return
+        if now < self._doctor_started + TEXTFILE_INTERVAL_S:
+            return
+        if self._doctor is not None and self._doctor.is_alive():
+            return
+        self._doctor_started = now
+        self._doctor = threading.Thread(
+            target=self._write_textfile,
+            args=(self.textfile, self.settings),
+            name="doctor",
+            daemon=True,
+        )
+        self._doctor.start()
+
+    def _write_textfile(self, path: Path | None, settings: Settings) -> None:
+        """doctor's checks, logged (the failed ids) and written as `doctor --textfile` writes
+        them (atomic rename) when `path` is set."""
+        from spegel_node.doctor import Facts, diagnose
+        from spegel_node.doctor.promtext import render_textfile, write_textfile
+
+        where = str(path) if path is not None else "-"
+        try:
+            run = diagnose(Facts(self.node, settings))
+            if path is not None:
+                text = render_textfile(run.results, run.duration_s, time.time(), run.ok)
+                write_textfile(path, text)
+        except (SpegelNodeError, OSError) as e:
+            log("doctor", "error", textfile=where, error=e)
+            return
+        failed = [r.id for r in run.results if r.status.value == "fail"]
+        level = "info" if run.ok else "warning"
+        log("doctor", level, textfile=where, ok=int(run.ok), failed=",".join(failed) or "-")
+
     def reload(self) -> None:
         try:
             settings, layout = self.loader()
@@ -243,6 +344,8 @@ class Reconciler:
             return
         self.settings, self.layout = settings, layout
         self.backoff = Backoff(go_duration_seconds(settings.probe_interval))
+        self._steady = False  # the next probe cycle is a full apply with the new config
+        self._doctor_started = -float("inf")  # the next cycle refreshes the textfile
         log("reload", config=settings.source, probe_interval=settings.probe_interval)
 
     def mark_ready(self) -> None:
@@ -259,15 +362,45 @@ class Reconciler:
                 self.ready_file.unlink()
 
     def loop(self) -> int:
-        inotify = Inotify()
+        inotify = self.inotify = Inotify()
         try:
             with _signal_pipe() as sig_fd:
                 return self._loop(inotify, sig_fd)
         finally:
             inotify.close()
+            if self._doctor is not None:  # a textfile being written is finished (or abandoned)
+                self._doctor.join(timeout=5.0)
             self.clear_ready()
 
+    def _doctor_loop(self, sig_fd: int) -> int:
+        """--doctor-only: doctor once every TEXTFILE_INTERVAL_S; nothing is written to the node
+        (but the textfile, if asked) and nothing is watched."""
+        log(
+            "start",
+            pid=os.getpid(),
+            mode="doctor-only",
+            config=self.settings.source,
+            textfile=self.textfile or "-",
+        )
+        self.mark_ready()
+        log("ready", watched_dirs=0, cpu_s=round(time.process_time(), 6))
+        poller = select.poll()
+        poller.register(sig_fd, select.POLLIN)
+        while True:
+            now = time.monotonic()
+            self.maybe_textfile(now)
+            due = self._doctor_started + TEXTFILE_INTERVAL_S
+            if self._doctor is not None and self._doctor.is_alive():
+                due = max(due, now + 1.0)  # still running: look again in a second, no spin
+            for _ in poller.poll(max(0, int((due - time.monotonic()) * 1000) + 1)):
+                code = self._signals(sig_fd)
+                if code is not None:
+                    log("stop", applies=0, cpu_s=round(time.process_time(), 6))
+                    return code
+
     def _loop(self, inotify: Inotify, sig_fd: int) -> int:
+        if self.doctor_only:
+            return self._doctor_loop(sig_fd)
         log(
             "start",
             pid=os.getpid(),
@@ -280,7 +413,8 @@ class Reconciler:
         watched = watch_tree(inotify, self.hosts_path)
         inotify.drain()  # our own writes
         self.mark_ready()
-        log("ready", watched_dirs=watched)
+        log("ready", watched_dirs=watched, cpu_s=round(time.process_time(), 6))
+        self.maybe_textfile(time.monotonic())
         next_probe = time.monotonic() + self.backoff.next_delay(not advertised)
         poller = select.poll()
         poller.register(inotify.fd, select.POLLIN)
@@ -297,7 +431,12 @@ class Reconciler:
                 if fd == sig_fd:
                     code = self._signals(sig_fd)
                     if code is not None:
-                        log("stop", applies=self.applies)
+                        log(
+                            "stop",
+                            applies=self.applies,
+                            probes=self.probes,
+                            cpu_s=round(time.process_time(), 6),
+                        )
                         return code
                     dirty_since = dirty_since or time.monotonic()
                     last_event = time.monotonic()
@@ -311,10 +450,11 @@ class Reconciler:
                 dirty_since = None
                 self.apply("change", reprobe=False)
                 watch_tree(inotify, self.hosts_path)
+                self.maybe_textfile(time.monotonic())
             elif now >= next_probe:
-                advertised = self.apply("probe", reprobe=True)
-                watch_tree(inotify, self.hosts_path)
+                advertised = self.probe_cycle()
                 next_probe = time.monotonic() + self.backoff.next_delay(not advertised)
+                self.maybe_textfile(time.monotonic())
 
     def _signals(self, sig_fd: int) -> int | None:
         """Handle the signals that woke us: an exit code to stop with, or None to go on."""
@@ -333,11 +473,24 @@ class Reconciler:
 
 
 def run_reconciler(
-    node: Node, loader: Loader, *, use_gate: bool = True, ready_file: Path | None = None
+    node: Node,
+    loader: Loader,
+    *,
+    use_gate: bool = True,
+    ready_file: Path | None = None,
+    textfile: Path | None = None,
+    doctor_only: bool = False,
 ) -> int:
     """Exit 2 (BadInput, raised) on a bad config at start; 0 on SIGTERM."""
     try:
-        reconciler = Reconciler(node, loader, use_gate=use_gate, ready_file=ready_file)
+        reconciler = Reconciler(
+            node,
+            loader,
+            use_gate=use_gate,
+            ready_file=ready_file,
+            textfile=textfile,
+            doctor_only=doctor_only,
+        )
     except BadInput:
         raise
     return reconciler.loop()

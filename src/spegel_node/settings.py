@@ -31,7 +31,7 @@ class Settings:
     resolve_tags: bool = True
     dial_timeout: str = "200ms"
     gate_failures: int = 3
-    probe_interval: str = "5s"  # `run`: how often /v2/ is probed (backs off while withdrawn)
+    probe_interval: str = "10s"  # `run`: how often /v2/ is probed (backs off while withdrawn)
     hosts_dir: str = ""
     containerd_socket: str = ""
     containerd_config: str = ""
@@ -162,7 +162,7 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     if not 1 <= gate_failures <= 1000:
         raise BadInput(f"config key 'gate_failures' must be from 1 to 1000, got {gate_failures}")
 
-    probe_interval = data.get("probe_interval", "5s")
+    probe_interval = data.get("probe_interval", "10s")
     seconds = go_duration_seconds(probe_interval) if GO_DURATION.match(probe_interval) else None
     if seconds is None or not 0.1 <= seconds <= 3600:
         raise BadInput(
