@@ -21,21 +21,41 @@ DEFAULT_REGISTRIES = (
     "https://registry.k8s.io",
 )
 # Go's time.ParseDuration: one or more <number><unit>, e.g. "200ms", "1m30s".
-_GO_MAX_NS = (1 << 63) - 1  # time.Duration is an int64 of nanoseconds
-_UNIT_NS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+GO_MAX_NS = (1 << 63) - 1  # time.Duration is an int64 of nanoseconds
+_GO_MAX_NS = GO_MAX_NS
+_UNIT_NS_INT = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
+_UNIT_NS_INT.update({"m": 60 * 10**9, "h": 3600 * 10**9})
+_UNIT_NS = {k: float(v) for k, v in _UNIT_NS_INT.items()}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_go_duration(value: str) -> int | None:
+    """What Go's time.ParseDuration makes of `value`, in nanoseconds; None where Go returns an
+    error: not a duration ("abc", "200", "1e3s") or beyond an int64 of nanoseconds ("3000000h").
+    The one duration parser: config values and hosts.toml's dial_timeout both go through it."""
+    sign = -1 if value[:1] == "-" else 1
+    body = value[1:] if value[:1] in "+-" else value
+    if body == "0":
+        return 0
+    parts = _DURATION_PART.findall(body)
+    if not body or not parts or "".join(n + u for n, u in parts) != body:
+        return None
+    total = 0
+    for number, unit in parts:
+        whole, _, frac = number.partition(".")
+        scale = _UNIT_NS_INT[unit]
+        total += int(whole or "0") * scale
+        if frac:  # Go truncates the fraction's share of each part to whole nanoseconds
+            total += int(frac) * scale // 10 ** len(frac)
+        if total > GO_MAX_NS + (1 if sign < 0 else 0):
+            return None
+    return sign * total
 
 
 def duration_ns(value: str) -> float | None:
     """A Go duration in nanoseconds (sign included); None when it is not one."""
-    sign = -1.0 if value.startswith("-") else 1.0
-    body = value.lstrip("+-")
-    if body == "0":
-        return 0.0
-    parts = _DURATION_PART.findall(body)
-    if not parts or "".join(n + u for n, u in parts) != body:
-        return None
-    return sign * sum(float(n) * _UNIT_NS[u] for n, u in parts)
+    ns = parse_go_duration(value)
+    return None if ns is None else float(ns)
 
 
 GO_DURATION = re.compile(r"^[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+$|^0$")
@@ -139,8 +159,8 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     extra_mirrors = tuple(parse_mirror_url(m) for m in extra)
 
     dial_timeout = data.get("dial_timeout", "200ms")
-    ns = duration_ns(dial_timeout) if GO_DURATION.match(dial_timeout) else None
-    if ns is None or not 0 < ns <= _GO_MAX_NS:
+    ns = parse_go_duration(dial_timeout)
+    if ns is None or ns <= 0:
         raise BadInput(
             "config key 'dial_timeout' must be a Go duration, positive and up to 2562047h, such as "
             f'"200ms", got {dial_timeout!r}'
@@ -150,7 +170,8 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
         raise BadInput(f"config key 'gate_failures' must be from 1 to 1000, got {gate_failures}")
 
     probe_interval = data.get("probe_interval", "5s")
-    seconds = go_duration_seconds(probe_interval) if GO_DURATION.match(probe_interval) else None
+    ns = parse_go_duration(probe_interval)
+    seconds = None if ns is None else ns / 1e9
     if seconds is None or not 0.1 <= seconds <= 3600:
         raise BadInput(
             "config key 'probe_interval' must be a Go duration from 100ms to 1h such as "
@@ -172,24 +193,9 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     )
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
 def go_duration_seconds(value: str) -> float:
-    """A Go duration (already matched by GO_DURATION) in seconds: "1m30s" -> 90.0."""
-    sign = -1.0 if value.startswith("-") else 1.0
-    total = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
-    return sign * total
+    """A Go duration (already checked) in seconds: "1m30s" -> 90.0."""
+    return (parse_go_duration(value) or 0) / 1e9
 
 
 def load_settings(
