@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from spegel_node import state
@@ -379,6 +380,9 @@ class Facts:
     @property
     def hosts_roots(self) -> HostsRoots:
         """The hosts dirs containerd searches, in order, and whether it reads them at all."""
+        return self._once("hosts_roots", self._hosts_roots)
+
+    def _hosts_roots(self) -> HostsRoots:
         config_path = self.setting("config_path")
         if config_path.value:
             roots = tuple(p for p in str(config_path.value).split(":") if p)
@@ -394,11 +398,36 @@ class Facts:
         """The directory containerd reads for `target`: the first existing of its names, root
         after root (containerd's HostDirFromRoot; an existing entry wins even if empty)."""
         for root in self.hosts_roots.roots:
-            base = self.node.path(root)
+            names = self.root_names(root)
             for name in target.dir_names:
-                if os.path.lexists(base / name):
+                if name in names:
                     return Found(root, name)
         return None
+
+    def root_names(self, root: str) -> frozenset[str]:
+        """The entries of a hosts root, listed once per run (a run with 5,000 registries asks
+        for each): lexists semantics, a dangling link counts."""
+
+        def listing() -> frozenset[str]:
+            try:
+                return frozenset(os.listdir(self.real_dir(root)))
+            except OSError:
+                return frozenset()
+
+        return self._once(f"names {root}", listing)
+
+    def path(self, node_path: str) -> Path:
+        """`node.path`, with each parent directory resolved once per run (lstat semantics for
+        the last component, as `node.path`)."""
+        parent, _, last = node_path.rstrip("/").rpartition("/")
+        if not last or parent in ("", "/") or self.node.root == Path("/"):
+            return self.node.path(node_path)
+        return self.real_dir(parent) / last
+
+    def real_dir(self, node_path: str) -> Path:
+        """`node.real_path` of a directory, resolved once per run."""
+        key = node_path.rstrip("/") or "/"
+        return self._once(f"dir {key}", lambda: self.node.real_path(key))
 
     def hosts_targets(self) -> list[HostsTarget]:
         """The registries that should go through Spegel. With `registries = []`: `_default`,
@@ -431,14 +460,17 @@ class Facts:
     def read_file(self, node_path: str) -> bytes | None:
         """A regular file's bytes (at most MAX_FILE + 1), None when it does not exist.
         Opened without blocking (a FIFO cannot hang doctor); OSError for anything else."""
-        path = self.node.path(node_path)
+        return self.read_path(self.path(node_path), node_path)
+
+    def read_path(self, path: Path, shown: str) -> bytes | None:
+        """`read_file` of a host path already resolved."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise IsADirectoryError(f"{node_path} is not a regular file")
+                raise IsADirectoryError(f"{shown} is not a regular file")
             return f.read(MAX_FILE + 1)
 
     @property

@@ -48,21 +48,33 @@ def _run_one(check: Check, facts: Facts) -> CheckResult:
     return replace(result, duration_s=round(time.monotonic() - started, 4))
 
 
+LOCAL_THREADS = 4  # the GIL runs local checks one at a time anyway: more threads only cost
+
+
+def _batches(checks: Sequence[Check]) -> list[list[tuple[int, Check]]]:
+    """Every check on its own thread, except the local ones (file reads only), which share a
+    few threads: their results come in as each finishes, in any order."""
+    own = [[(i, c)] for i, c in enumerate(checks) if not c.local]
+    local = [(i, c) for i, c in enumerate(checks) if c.local]
+    shared = [local[n::LOCAL_THREADS] for n in range(LOCAL_THREADS)]
+    return own + [b for b in shared if b]
+
+
 def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
     started = time.monotonic()
     results: list[CheckResult | None] = [None] * len(checks)
     done = threading.Condition()
 
-    def work(index: int, check: Check) -> None:
-        result = _run_one(check, facts)
-        with done:
-            results[index] = result
-            done.notify_all()
+    def work(batch: list[tuple[int, Check]]) -> None:
+        for index, check in batch:
+            result = _run_one(check, facts)
+            with done:
+                results[index] = result
+                done.notify_all()
 
-    for index, check in enumerate(checks):
-        threading.Thread(
-            target=work, args=(index, check), name=f"doctor {check.id}", daemon=True
-        ).start()
+    for batch in _batches(checks):
+        name = f"doctor {batch[0][1].id}" + (f" (+{len(batch) - 1})" if len(batch) > 1 else "")
+        threading.Thread(target=work, args=(batch,), name=name, daemon=True).start()
     end = started + deadline_s
     with done:
         while any(r is None for r in results):

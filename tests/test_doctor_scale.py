@@ -1,0 +1,61 @@
+"""doctor with 5,000 registries: no failure that scale causes (issue 11 measured 10.8 s and
+false failures). The time itself is a benchmark row (`make bench`: doctor_many_5000), not a
+timed assertion; here, every hosts.<registry> check passes and the checks that fail are the
+ones a 5-registry node fails too (this fake node runs no daemons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import fake_nodes
+from support.cli import run_cli
+
+from spegel_node.doctor import Facts, diagnose
+from spegel_node.doctor.build import build_checks
+from spegel_node.doctor.model import Status
+from spegel_node.doctor.runner import LOCAL_THREADS, _batches
+from spegel_node.node import Node
+from spegel_node.settings import load_settings
+
+HOSTS_DIR = "/etc/containerd/certs.d"
+
+
+def make_node(root: Path, n: int) -> Node:
+    fake_nodes.make_containerd(root, config_path=HOSTS_DIR)
+    regs = ", ".join(f'"https://registry-{i:04d}.example.com"' for i in range(n))
+    fake_nodes.write(
+        root, "/etc/spegel-node/config.toml", f'node_ip = "127.0.0.1"\nregistries = [{regs}]\n'
+    )
+    return Node(root)
+
+
+def failures(capsys: pytest.CaptureFixture[str], root: Path, n: int) -> tuple[set[str], int]:
+    node = make_node(root, n)
+    assert run_cli(capsys, "apply", "--no-gate", "--root", str(root)).code == 0
+    facts = Facts(node, load_settings(node))
+    run = diagnose(facts)
+    hosts = [r for r in run.results if r.id.startswith("hosts.") and r.id != "hosts.shadowing"]
+    assert len(hosts) == n
+    assert all(r.status is Status.PASS for r in hosts), [r for r in hosts if r.status != "pass"][:3]
+    assert not [r for r in run.results if "did not finish" in r.summary]
+    drift = next(r for r in run.results if r.id == "agent.drift")
+    assert drift.status is Status.PASS and f"{n} files" in drift.summary
+    return {r.id for r in run.results if r.status is Status.FAIL}, len(run.results)
+
+
+def test_5000_registries_fail_nothing_more_than_5(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    small, _ = failures(capsys, tmp_path / "small", 5)
+    large, count = failures(capsys, tmp_path / "large", 5000)
+    assert large == small  # containerd.socket and spegel.v2: no daemon runs here
+    assert count > 5000
+
+
+def test_local_checks_share_a_few_threads(tmp_path: Path) -> None:
+    node = make_node(tmp_path, 300)
+    checks = build_checks(Facts(node, load_settings(node)))
+    batches = _batches(checks)
+    assert len(batches) == len([c for c in checks if not c.local]) + LOCAL_THREADS
+    assert sorted(i for b in batches for i, _ in b) == list(range(len(checks)))
