@@ -20,12 +20,13 @@ from typing import Any
 
 from spegel_node import tomlload
 from spegel_node.errors import SpegelNodeError
+from spegel_node.redact import redact_text as redact_text  # the one place (re-exported)
+from spegel_node.redact import redact_url as redact_url
 
 MANAGED_HEADER = "# managed by spegel-node"
 
 _CANDIDATE = re.compile(r"^[ \t]*\[", re.MULTILINE)
 _COMMENT_LINE = re.compile(r"[ \t]*#[^\n]*\n")
-_USERINFO = re.compile(r"(?<=//)[^/?#\s'\"]*@")  # up to the last "@": passwords hold "@" too
 _WORK_FACTOR = 20  # bytes parsed per input byte while finding headers, before giving up
 
 
@@ -123,23 +124,6 @@ def strip(existing: str, mirror_urls: Iterable[str]) -> str:
 def mirror_key(url: str) -> str:
     """What two host URLs that are the same mirror have in common (trailing "/" or "/v2" off)."""
     return _norm(url)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any user info (`user:password@`) replaced, for messages; also without scheme."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority = rest[:end]
-    if "@" in authority:
-        authority = "<redacted>@" + authority.rsplit("@", 1)[1]
-    return scheme + sep + authority + rest[end:]
-
-
-def redact_text(text: str) -> str:
-    """Free text (a parser's message) with the user info of any URL in it replaced."""
-    return _USERINFO.sub("<redacted>@", text)
 
 
 # ---------------------------------------------------------------- parsing

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from spegel_node.doctor.model import CheckResult, Status
 from spegel_node.errors import SpegelNodeError
+from spegel_node.redact import redact_output
 
 _SAMPLE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+-?\d+)?\s*$"
@@ -127,7 +128,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o644)
-            f.write(text)
+            f.write(redact_output(text))  # the textfile is output too: the one redaction place
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
