@@ -112,3 +112,17 @@ def test_third_party_edit_is_drift_with_what_to_do(
     assert f.read_text() == (
         'server = "https://ghcr.io"\n\n[host."https://mirror.example"]\n  capabilities = ["pull"]\n'
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "status", "code"),
+    [("3000000h", "fail", "dial_timeout.invalid"), ("-1s", "warn", "dial_timeout.negative")],
+)
+def test_doctor_reports_a_dial_timeout_containerd_cannot_use(
+    capsys: pytest.CaptureFixture[str], node: Path, value: str, status: str, code: str
+) -> None:
+    f = node / HOSTS.lstrip("/") / "ghcr.io/hosts.toml"
+    f.write_text(f.read_text().replace('dial_timeout = "200ms"', f'dial_timeout = "{value}"'))
+    assert value in f.read_text()
+    c = doctor(capsys, node, "hosts.ghcr.io")
+    assert c["status"] == status and code in c["summary"] + " ".join(c["details"]), c
