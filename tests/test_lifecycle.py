@@ -795,3 +795,29 @@ def test_lifecycle_figures() -> None:
     print(f"lifecycle property test: {FIGURES}")
     if FIGURES["sequences"] >= 1000:
         assert FIGURES["kills"] > 100 and FIGURES["slow_applies"] > 50, FIGURES
+
+
+@pytest.mark.parametrize("state", ["slow", "down"])
+def test_apply_against_a_dribbling_or_refusing_spegel_is_bounded(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    spegel_servers: dict[str, str],
+    state: str,
+) -> None:
+    """The production probe deadline (gate.PROBE_TIMEOUT_S), the real mirror URL: apply
+    finishes, counts the failure, and after gate_failures of them withdraws the mirror."""
+    port = int(spegel_servers[state].rsplit(":", 1)[1])
+    root = make_node(tmp_path / "node", ["docker.io"], port)
+    config = root / "etc/spegel-node/config.toml"
+    config.write_text(config.read_text().replace(IP, "127.0.0.1").replace("= 3\n", "= 2\n"))
+    for failures in (1, 2):
+        started = time.monotonic()
+        result = run_cli(capsys, "apply", "--root", str(root))
+        took = time.monotonic() - started
+        assert result.code == 0, result.err
+        assert took < gate.PROBE_TIMEOUT_S + 5, took  # hangs forever without the deadline
+        record = json.loads(state_file(root).read_text())
+        assert record["gate"]["consecutive_failures"] == failures
+    assert record["gate"]["withdrawn"] is True
+    docker = file_of(root, "docker.io")
+    assert not docker.exists() or "127.0.0.1" not in docker.read_text()
