@@ -614,8 +614,8 @@ class _Checker:
                 line,
                 WARNING,
                 "dial_timeout.negative",
-                f"{where} = {shown} is negative: every connection to this host times out at "
-                "once, so containerd never uses it",
+                f"{where} = {shown} is negative: Go's dialer times out every connection to "
+                "this host at once, so containerd always goes on to the next host",
             )
         elif ns == 0:
             self.add(
