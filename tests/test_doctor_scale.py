@@ -22,34 +22,47 @@ HOSTS_DIR = "/etc/containerd/certs.d"
 SINGLE = ("hosts.shadowing", "hosts.stale")
 
 
-def make_node(root: Path, n: int) -> Node:
+def make_node(root: Path, n: int, default_mode: bool = False) -> Node:
+    """n registries in the config; with `default_mode`, `registries = []` and n registry dirs
+    holding a distro's hosts.toml (each one its own hosts.<registry> check)."""
     fake_nodes.make_containerd(root, config_path=HOSTS_DIR)
-    regs = ", ".join(f'"https://registry-{i:04d}.example.com"' for i in range(n))
+    hosts = [f"registry-{i:04d}.example.com" for i in range(n)]
+    regs = "" if default_mode else ", ".join(f'"https://{h}"' for h in hosts)
     fake_nodes.write(
         root, "/etc/spegel-node/config.toml", f'node_ip = "127.0.0.1"\nregistries = [{regs}]\n'
     )
+    for host in hosts if default_mode else ():
+        fake_nodes.write(
+            root,
+            f"{HOSTS_DIR}/{host}/hosts.toml",
+            f'server = "https://{host}"\n\n[host."https://mirror.{host}"]\n'
+            '  capabilities = ["pull", "resolve"]\n',
+        )
     return Node(root)
 
 
-def failures(capsys: pytest.CaptureFixture[str], root: Path, n: int) -> tuple[set[str], int]:
-    node = make_node(root, n)
+def failures(
+    capsys: pytest.CaptureFixture[str], root: Path, n: int, default_mode: bool = False
+) -> tuple[set[str], int]:
+    node = make_node(root, n, default_mode)
     assert run_cli(capsys, "apply", "--no-gate", "--root", str(root)).code == 0
     facts = Facts(node, load_settings(node))
     run = diagnose(facts)
     hosts = [r for r in run.results if r.id.startswith("hosts.") and r.id not in SINGLE]
-    assert len(hosts) == n
+    assert len(hosts) == n + default_mode  # hosts._default too
     assert all(r.status is Status.PASS for r in hosts), [r for r in hosts if r.status != "pass"][:3]
     assert not [r for r in run.results if "did not finish" in r.summary]
     drift = next(r for r in run.results if r.id == "agent.drift")
-    assert drift.status is Status.PASS and f"{n} files" in drift.summary
+    assert drift.status is Status.PASS and f"{n + default_mode} files" in drift.summary
     return {r.id for r in run.results if r.status is Status.FAIL}, len(run.results)
 
 
+@pytest.mark.parametrize("default_mode", [False, True], ids=["registries", "_default"])
 def test_5000_registries_fail_nothing_more_than_5(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, default_mode: bool
 ) -> None:
-    small, _ = failures(capsys, tmp_path / "small", 5)
-    large, count = failures(capsys, tmp_path / "large", 5000)
+    small, _ = failures(capsys, tmp_path / "small", 5, default_mode)
+    large, count = failures(capsys, tmp_path / "large", 5000, default_mode)
     assert large == small  # containerd.socket and spegel.v2: no daemon runs here
     assert count > 5000
 

@@ -156,6 +156,7 @@ def _parses(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)  # doctor and validate see the same Spegel header per file
 def table_header_path(line: str) -> tuple[str, ...] | None:
     """The key path a header line names (`[host."a"]` -> ("host", "a")), None if not a header."""
     if not line.lstrip(" \t").startswith("["):

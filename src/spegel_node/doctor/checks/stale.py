@@ -57,14 +57,19 @@ class HostsStale(Check):
         snapshot = HostsSnapshot(hosts_dir, True, {n: DirEntry(n, "dir") for n in names})
         wanted = {t.dir_name for t in targets(facts.settings.registries, snapshot)}
         base = facts.real_dir(hosts_dir)
+        old_hosts = {_authority(u) for u in old}
+        all_hosts = old_hosts | {_authority(u) for u in current}
         found: list[_Stale] = []
         for name in sorted(names):
             if name.startswith(".") or (name.startswith("_") and name != DEFAULT_DIR):
                 continue  # _backup: Spegel's init container's, not read by containerd
             path = posixpath.join(hosts_dir, name, HOSTS_TOML)
+            needles = old_hosts if name in wanted else all_hosts
             try:
                 data = facts.read_path(base / name / HOSTS_TOML, path)
-                urls = host_urls(data.decode("utf-8", "replace")) if data else []
+                if not data or not any(n in data for n in needles):
+                    continue  # no Spegel URL that could be stale: not worth parsing
+                urls = host_urls(data.decode("utf-8", "replace"))
             except (OSError, HostsTomlError):
                 continue  # hosts.<registry> and validate report those
             key = f"{name}/{HOSTS_TOML}"
@@ -126,3 +131,8 @@ class HostsStale(Check):
         if len(lines) > MAX_DETAILS:
             shown.append(f"{len(lines) - MAX_DETAILS} more not shown")
         return self.result(status, summary, "\n".join(fixes), shown)
+
+
+def _authority(url: str) -> bytes:
+    """`host:port` of a mirror URL, as its bytes appear in a file naming it."""
+    return url.partition("://")[2].split("/", 1)[0].encode()
