@@ -59,6 +59,7 @@ BUDGETS = {
     "apply_200": ("no-op apply, 200 registries", 0.400),
     "doctor_healthy": ("doctor, healthy node", 0.700),
     "doctor_hung": ("doctor, Spegel hung", 3.5),
+    "doctor_many_5000": ("doctor, 5,000 registries", 2.5),  # doctor's own bound is 5 s
 }
 RSS_BUDGET_MB = 60.0
 
@@ -493,7 +494,8 @@ def bench_doctor_many(bin_dir: Path, tmp: Path, runs: int, n: int) -> Row:
     run_once([exe, "apply", "--no-gate", "--root", str(root)])
     cmd = Cmd([exe, "doctor", "--root", str(root)], (1,), " checks in ")
     s, b = measure([cmd, Cmd([exe, "--version"])], runs)
-    return Row("doctor_many", f"doctor, fake node (no daemons), {n} registries", s, "--version", b)
+    key = "doctor_many" if n == 200 else f"doctor_many_{n}"
+    return Row(key, f"doctor, fake node (no daemons), {n} registries", s, "--version", b)
 
 
 def bench_doctor(bin_dirs: dict[str, Path], tmp: Path, runs: int) -> list[Row]:
@@ -616,8 +618,11 @@ def run_all(args: argparse.Namespace, bin_dirs: dict[str, Path], tmp: Path, rows
         section("doctor (sandbox: real containerd, a real registry as Spegel)")
         print(HEADER)
         rows += bench_doctor(bin_dirs, tmp, args.runs)
-        rows.append(bench_doctor_many(clean, tmp, args.runs, 200))
-        print(rows[-1].line(), flush=True)
+        for n in (200, 5000):  # 5,000: issue 11 measured 10.8 s and false failures
+            rows.append(
+                bench_doctor_many(clean, tmp, max(3, args.runs // 3) if n > 200 else args.runs, n)
+            )
+            print(rows[-1].line(), flush=True)
         section("idle CPU per day: run vs the timer + path pair (benchmarks/idle_cpu.py)")
         try:
             idle = idle_cpu.measure(clean, args.idle_window, args.runs)

@@ -195,6 +195,7 @@ def test_healthy_node_passes_and_exits_0(capsys: pytest.CaptureFixture[str], hea
         "hosts.docker.io",
         "hosts.ghcr.io",
         "hosts.shadowing",
+        "hosts.stale",
         "spegel.v2",
         "spegel.readyz",
         "spegel.metrics",
@@ -225,7 +226,7 @@ def test_healthy_node_without_the_timer_only_warns(
     assert result.code == 0
     assert "[!] agent.timer  the repair units" in result.out
     assert "systemctl enable --now spegel-node-repair.timer spegel-node-repair.path" in result.out
-    assert result.out.strip().splitlines()[-1].startswith("1 warning (15 checks in ")
+    assert result.out.strip().splitlines()[-1].startswith("1 warning (16 checks in ")
 
 
 def test_units_installed_but_not_enabled_warns(
@@ -253,7 +254,7 @@ def test_plain_output_is_one_line_per_check_with_indented_fixes(
     assert "[✓] spegel.v2  http://127.0.0.1:" in result.out
     bad = next(i for i, line in enumerate(lines) if line.startswith("[✗] hosts.ghcr.io"))
     assert lines[bad + 1].startswith("    run `spegel-node apply --root ")
-    assert re.fullmatch(r"2 checks failed \(15 checks in \d\.\d\d s\)", lines[-1])
+    assert re.fullmatch(r"2 checks failed \(16 checks in \d\.\d\d s\)", lines[-1])
 
 
 def test_rich_table_on_a_terminal(healthy: Path) -> None:

@@ -7,10 +7,16 @@ edits, k3s restart rewrites, config changes and remove on fake trees.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import os
+import signal
+import socket
+import socketserver
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +30,7 @@ from support.faults import temp_files
 
 from spegel_node import fsutil, gate, hoststoml
 from spegel_node.gate import ProbeResult
-from spegel_node.hoststoml import redact_text, redact_url
-from spegel_node.redact import redact_hosts_toml
+from spegel_node.redact import redact_hosts_toml, redact_text, redact_url
 
 HOSTS = "/etc/containerd/certs.d"
 IP = "10.0.0.5"
@@ -231,6 +236,57 @@ def test_a_run_killed_after_saving_the_record_keeps_created_files_apply_s(
     assert cli(capsys, node, "apply").code == 0
     assert cli(capsys, node, "remove").code == 0
     assert list(hosts(node).iterdir()) == []
+
+
+DEAD_PID = 2**22 + 12345  # above any pid_max: the run that left the temp file is gone
+
+
+class _Killed(BaseException):
+    """What a SIGKILL does to the rest of a run, in-process."""
+
+
+def test_a_run_killed_while_giving_files_back_leaves_them_on_record(
+    capsys: pytest.CaptureFixture[str], node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the kill steps: the record was saved without the dropped registry before its
+    file was deleted, so a kill in between left apply's file (or its empty dir) for good."""
+    file_of(node, "ghcr.io").parent.mkdir()
+    file_of(node, "ghcr.io").write_text(PERSON)
+    assert cli(capsys, node, "apply").code == 0
+    configure(node, ["quay.io"], 29999)
+    from spegel_node import apply
+
+    def killed(node: Any, plan: Any) -> Any:
+        raise _Killed  # between saving the record and writing the files: nothing after runs
+
+    with monkeypatch.context() as m, pytest.raises(_Killed):
+        m.setattr(apply, "execute", killed)
+        cli(capsys, node, "apply")
+    record = json.loads(state_file(node).read_text())
+    assert {"docker.io/hosts.toml", "ghcr.io/hosts.toml"} <= set(record["files"])
+    assert cli(capsys, node, "remove").code == 0
+    assert sorted(p.name for p in hosts(node).iterdir()) == ["ghcr.io"]
+    assert file_of(node, "ghcr.io").read_text() == PERSON
+
+
+def test_temp_files_of_killed_runs_do_not_outlive_remove(
+    capsys: pytest.CaptureFixture[str], node: Path
+) -> None:
+    """Found by the kill steps: in a dir whose registry was dropped (nothing to write there) and
+    in the state dir when remove deletes the record."""
+    file_of(node, "ghcr.io").parent.mkdir()
+    file_of(node, "ghcr.io").write_text(PERSON)
+    assert cli(capsys, node, "apply").code == 0
+    stale = hosts(node) / "ghcr.io" / f"{fsutil.TMP_PREFIX}hosts.toml.{DEAD_PID}"
+    stale.write_text("half a file")
+    configure(node, ["docker.io"], 29999)
+    assert cli(capsys, node, "apply").code == 0  # gives ghcr.io back: nothing to write there
+    assert not stale.exists()
+    state_tmp = state_file(node).parent / f"{fsutil.TMP_PREFIX}state.json.{DEAD_PID}"
+    state_tmp.write_text("{")
+    assert cli(capsys, node, "remove").code == 0
+    assert temp_files(node) == []
+    assert file_of(node, "ghcr.io").read_text() == PERSON
 
 
 # ---------------------------------------------------------------- convergence
@@ -483,6 +539,13 @@ def test_url_password_with_at_signs_is_redacted() -> None:
 
 REGS = ("docker.io", "ghcr.io", "quay.io")
 PORTS = (29999, 30020)
+SPEGEL_STATES = ("up", "down", "slow")
+KILL_POINTS = 60  # an apply of three registries makes about 40 such calls
+PROBE_S = 0.05  # the gate's probe deadline in these runs (1 s in production)
+APPLY_BOUND_S = 20.0  # a slow Spegel must not hold apply: far below "forever", far above PROBE_S
+KILL_CALLS = ("open", "write", "fsync", "rename", "replace", "unlink", "rmdir", "mkdir")
+KILL_CALLS += ("fchmod", "fchown", "chmod")
+FIGURES: dict[str, int] = {"sequences": 0, "kills": 0, "kill_runs": 0, "slow_applies": 0}
 INITIAL = st.sampled_from([None, "person", "k3s"])
 OPS = st.one_of(
     st.just(("apply",)),
@@ -494,7 +557,11 @@ OPS = st.one_of(
     ),
     st.tuples(st.just("k3s"), st.sampled_from(REGS)),
     st.tuples(st.just("config"), st.sampled_from(PORTS), st.sets(st.sampled_from(REGS))),
-    st.tuples(st.just("spegel"), st.booleans()),  # Spegel's /v2/ answers or not (the gate)
+    # Spegel's /v2/ (a real loopback server): answers, refuses, or dribbles one byte at a time
+    st.tuples(st.just("spegel"), st.sampled_from(SPEGEL_STATES)),
+    # kill -9 of a forked apply or remove at its n-th file system call (open, write, fsync,
+    # rename, unlink, mkdir, rmdir, chmod, chown); a run with fewer calls finishes
+    st.tuples(st.just("kill"), st.sampled_from(["apply", "remove"]), st.integers(1, KILL_POINTS)),
 )
 
 
@@ -507,7 +574,7 @@ class World:
         self.port = 29999
         make_node(root, self.regs, self.port)
         configure(root, self.regs, self.port, gate_failures=2)
-        self.spegel_up = True
+        self.spegel = "up"
         self.third: dict[str, bytes | None] = {}
         self.third_dirs: set[str] = set()
         self.touched: set[str] = set()  # written by a third party since the last remove
@@ -534,12 +601,22 @@ class World:
     def step(self, capsys: pytest.CaptureFixture[str], op: tuple[Any, ...]) -> None:
         self.n += 1
         if op[0] == "apply":
-            probe = ProbeResult(True, "HTTP 200") if self.spegel_up else ProbeResult(False, "down")
-            with mock.patch.object(gate, "probe_v2", return_value=probe):
+            started = time.monotonic()
+            with probing(self.spegel):
                 result = run_cli(capsys, "apply", "--root", str(self.root))
+            took = time.monotonic() - started
             assert result.code == 0, result.err
+            assert took < APPLY_BOUND_S, (self.spegel, took)
+            FIGURES["slow_applies"] += self.spegel == "slow"
             self.applied.add(f"http://{IP}:{self.port}")
             self.last_port = self.port
+        elif op[0] == "kill":
+            if op[1] == "apply":  # it may have written the mirror before it died
+                self.applied.add(f"http://{IP}:{self.port}")
+                self.last_port = self.port
+            with probing(self.spegel):
+                FIGURES["kills"] += killed_run([op[1], "--root", str(self.root)], op[2])
+            FIGURES["kill_runs"] += 1
         elif op[0] == "edit":
             reg, kind = op[1], op[2]
             now = self.current(reg)
@@ -568,7 +645,7 @@ class World:
             self.port, self.regs = op[1], sorted(op[2])
             configure(self.root, self.regs, self.port, gate_failures=2)
         elif op[0] == "spegel":
-            self.spegel_up = op[1]
+            self.spegel = op[1]
         else:
             result = cli(capsys, self.root, "remove")
             assert result.code == 0, result.err
@@ -596,8 +673,98 @@ class World:
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory() as d:
+    """tmpfs when there is one (fsync is free there; a kill is no power cut)."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="spegel-node-lifecycle-", dir=base) as d:
         yield Path(d)
+
+
+class _Spegel(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Answer(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.recv(4096)
+        if self.server.mode == "up":  # type: ignore[attr-defined]
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            return
+        with contextlib.suppress(OSError):  # "slow": a byte every 20 ms until the client goes
+            for byte in b"HTTP/1.1 200 OK\r\n" * 1000:
+                self.request.sendall(bytes([byte]))
+                time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def spegel_servers() -> Iterator[dict[str, str]]:
+    """Real probe targets on loopback: a Spegel that answers, a closed port, a dribbler."""
+    up, slow = _Spegel(("127.0.0.1", 0), _Answer), _Spegel(("127.0.0.1", 0), _Answer)
+    up.mode, slow.mode = "up", "slow"  # type: ignore[attr-defined]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    for server in (up, slow):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    TARGETS.update(
+        up=f"http://127.0.0.1:{up.server_address[1]}",
+        slow=f"http://127.0.0.1:{slow.server_address[1]}",
+        down=f"http://127.0.0.1:{closed.getsockname()[1]}",
+    )
+    yield TARGETS
+    for server in (up, slow):
+        server.shutdown()
+        server.server_close()
+    closed.close()
+
+
+TARGETS: dict[str, str] = {}
+_REAL_PROBE = gate.probe_v2
+
+
+@contextlib.contextmanager
+def probing(state: str) -> Iterator[None]:
+    """apply's gate probes the real server of this state (the mirror URL in the files stays
+    the configured one), with a short deadline."""
+
+    def probe(mirror_url: str, timeout: float = PROBE_S) -> ProbeResult:
+        return _REAL_PROBE(TARGETS[state], timeout=PROBE_S)
+
+    with mock.patch.object(gate, "probe_v2", probe):
+        yield
+
+
+def killed_run(argv: list[str], at: int) -> bool:
+    """`main(argv)` in a forked child that SIGKILLs itself at its `at`-th file system call;
+    True when it died so (False: it finished first)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            calls = [0]
+
+            def counting(real: Any) -> Any:
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    calls[0] += 1
+                    if calls[0] >= at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(*args, **kwargs)
+
+                return call
+
+            for name in KILL_CALLS:
+                setattr(os, name, counting(getattr(os, name)))
+            from spegel_node.cli import main
+
+            main(argv)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, -signal.SIGKILL), code
+    return code == -signal.SIGKILL
 
 
 @settings(
@@ -607,16 +774,51 @@ def scratch() -> Iterator[Path]:
 )
 @given(
     initial=st.fixed_dictionaries({reg: INITIAL for reg in REGS}),
-    ops=st.lists(OPS, min_size=1, max_size=8),
+    ops=st.lists(OPS, min_size=1, max_size=10),
 )
 def test_random_sequences_never_lose_what_a_third_party_wrote(
     capsys: pytest.CaptureFixture[str],
     scratch: Path,
+    spegel_servers: dict[str, str],
     initial: dict[str, str | None],
     ops: list[tuple[Any, ...]],
 ) -> None:
+    FIGURES["sequences"] += 1
     with tempfile.TemporaryDirectory(dir=scratch) as d:
         world = World(Path(d) / "node", initial)
         for op in ops:
             world.step(capsys, op)
         world.step(capsys, ("remove",))
+
+
+def test_lifecycle_figures() -> None:
+    """Runs after the property test (file order): what it did, for the note (-s shows it)."""
+    print(f"lifecycle property test: {FIGURES}")
+    if FIGURES["sequences"] >= 1000:
+        assert FIGURES["kills"] > 100 and FIGURES["slow_applies"] > 50, FIGURES
+
+
+@pytest.mark.parametrize("state", ["slow", "down"])
+def test_apply_against_a_dribbling_or_refusing_spegel_is_bounded(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    spegel_servers: dict[str, str],
+    state: str,
+) -> None:
+    """The production probe deadline (gate.PROBE_TIMEOUT_S), the real mirror URL: apply
+    finishes, counts the failure, and after gate_failures of them withdraws the mirror."""
+    port = int(spegel_servers[state].rsplit(":", 1)[1])
+    root = make_node(tmp_path / "node", ["docker.io"], port)
+    config = root / "etc/spegel-node/config.toml"
+    config.write_text(config.read_text().replace(IP, "127.0.0.1").replace("= 3\n", "= 2\n"))
+    for failures in (1, 2):
+        started = time.monotonic()
+        result = run_cli(capsys, "apply", "--root", str(root))
+        took = time.monotonic() - started
+        assert result.code == 0, result.err
+        assert took < gate.PROBE_TIMEOUT_S + 5, took  # hangs forever without the deadline
+        record = json.loads(state_file(root).read_text())
+        assert record["gate"]["consecutive_failures"] == failures
+    assert record["gate"]["withdrawn"] is True
+    docker = file_of(root, "docker.io")
+    assert not docker.exists() or "127.0.0.1" not in docker.read_text()

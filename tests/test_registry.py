@@ -73,3 +73,9 @@ def test_mirror_url_and_dir_name_round_trip() -> None:
     assert parse_mirror_url("http://10.0.0.5:30021") == "http://10.0.0.5:30021"
     assert registry_for_host("127.0.0.1_5000_") == Registry("https", "127.0.0.1:5000")
     assert registry_for_host("docker.io").upstream == "https://registry-1.docker.io"
+
+
+def test_longest_dns_name_is_accepted() -> None:
+    host = ("a" * 63 + ".") * 3 + "a" * 61  # 253 characters, labels of 63
+    assert parse_registry(f"https://{host}").host == host
+    assert parse_registry(f"https://{host[:-6]}:65535").dir_names[-1] == f"{host[:-6]}:65535"

@@ -95,6 +95,10 @@ BAD_REGISTRIES: list[tuple[str, str]] = [
     ('"https://ДОКЕР.io"', "host must be a DNS name or IP address"),
     ('"https://x\\uff0fy"', "invalid registry"),
     ('"_default/.."', "needs a scheme"),
+    # DNS: a label is at most 63 characters, a name at most 253; host:port names a directory
+    (f'"https://{"a" * 64}.example.com"', "a DNS label is longer than 63 characters"),
+    (f'"https://{"a." * 126}io"', "host name is 254 characters, more than DNS allows (253)"),
+    (f'"https://{("a" * 63 + ".") * 3}{"a" * 61}:65535"', "longer than a directory name"),
     ("5", "must be a string"),
     ('["https://ghcr.io"]', "must be a string"),
 ]
@@ -104,6 +108,8 @@ BAD_MIRRORS: list[tuple[str, str]] = [
     ('"http://10.0.0.5:30021/v2"', "invalid mirror URL"),
     ('"http://u:p@10.0.0.5:30021"', "must not carry user info"),
     ('"http://:30021"', "host must not be empty"),
+    (f'"http://{"m" * 64}.example:30021"', "a DNS label is longer than 63 characters"),
+    (f'"http://{"m." * 127}io:30021"', "more than DNS allows (253)"),
 ]
 
 BAD_OPTIONS: list[tuple[list[str], str]] = [

@@ -240,11 +240,19 @@ def apply_mirrors(
         plan = replace(plan, record=new_record)
         skipped: list[str] = []
         if not dry_run:
-            if _worth_saving(record, new_record):
-                _save(node, new_record)
+            # files given back (registries no longer mirrored) stay on record until that is
+            # done: a run killed meanwhile leaves them to the next apply or remove to finish
+            dropped = {k: r for k, r in record.files.items() if k not in new_record.files}
+            undoing = {c.key for c in plan.changes} & set(dropped)
+            before = new_record.with_files(
+                {**new_record.files, **{k: dropped[k] for k in sorted(undoing)}}
+            )
+            if _worth_saving(record, before):
+                _save(node, before)
             result = execute(node, plan)
+            _remove_temp_files(node, hosts_dir, {k.split("/", 1)[0] for k in dropped})
             skipped = [line for _, line in result.skipped]
-            if result.not_done:  # those files are as they were: so is their record entry
+            if result.not_done or undoing:  # files not done are as they were: so is their entry
                 files = dict(new_record.files)
                 for key in result.not_done:
                     if key in record.files:
@@ -281,6 +289,7 @@ def remove_mirrors(
         skipped: list[str] = []
         if not dry_run:
             result = execute(node, plan)
+            _remove_temp_files(node, hosts_dir, {k.split("/", 1)[0] for k in record.files})
             skipped = [line for _, line in result.skipped]
             kept = dict(plan.record.files) if plan.record else {}
             for key in result.not_done:  # judged again by the next remove
@@ -292,6 +301,15 @@ def remove_mirrors(
                     state.delete_record(node)
             plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
     return Outcome("remove", plan, dry_run, record.mirror_urls, warnings=tuple(skipped))
+
+
+def _remove_temp_files(node: Node, hosts_dir: str, dir_names: set[str]) -> None:
+    """Temp files of runs killed mid-write, in registry dirs remove had nothing to change in
+    (execute cleans the others): remove leaves none behind."""
+    with contextlib.suppress(OSError), fsutil.open_dir(node.real_path(hosts_dir)) as hosts_fd:
+        for name in sorted(dir_names):
+            with contextlib.suppress(OSError), fsutil.open_subdir(hosts_fd, name) as dir_fd:
+                fsutil.remove_stale_temp_files(dir_fd)
 
 
 def _save(node: Node, record: Record) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -656,6 +657,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    from spegel_node.redact import RedactingStream
+
+    out, err = sys.stdout, sys.stderr  # every output goes through redact.py (issue 11)
+    sys.stdout, sys.stderr = RedactingStream(out), RedactingStream(err)
+    try:
+        return _run_main(argv)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+def _run_main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     if "_SPEGEL_NODE_COMPLETE" in os.environ:  # a shell asking for completions (`completion`)
         from typer._completion_classes import completion_init

@@ -19,12 +19,12 @@ from typing import Any
 
 from spegel_node import tomlload
 from spegel_node.errors import SpegelNodeError
+from spegel_node.redact import redact_text, redact_url
 
 MANAGED_HEADER = "# managed by spegel-node"
 
 _CANDIDATE = re.compile(r"^[ \t]*\[", re.MULTILINE)
 _COMMENT_LINE = re.compile(r"[ \t]*#[^\n]*\n")
-_USERINFO = re.compile(r"(?<=//)[^/?#\s'\"]*@")  # up to the last "@": passwords hold "@" too
 _WORK_FACTOR = 20  # bytes parsed per input byte while finding headers, before giving up
 
 
@@ -126,23 +126,6 @@ def mirror_key(url: str) -> str:
     return url[:-3] if url.endswith("/v2") else url
 
 
-def redact_url(url: str) -> str:
-    """The URL with any user info (`user:password@`) replaced, for messages; also without scheme."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority = rest[:end]
-    if "@" in authority:
-        authority = "<redacted>@" + authority.rsplit("@", 1)[1]
-    return scheme + sep + authority + rest[end:]
-
-
-def redact_text(text: str) -> str:
-    """Free text (a parser's message) with the user info of any URL in it replaced."""
-    return _USERINFO.sub("<redacted>@", text)
-
-
 # ---------------------------------------------------------------- parsing
 
 
@@ -173,6 +156,7 @@ def _parses(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)  # doctor and validate see the same Spegel header per file
 def table_header_path(line: str) -> tuple[str, ...] | None:
     """The key path a header line names (`[host."a"]` -> ("host", "a")), None if not a header."""
     if not line.lstrip(" \t").startswith("["):

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 
 from spegel_node import tomlload
-from spegel_node.hoststoml import redact_text
 
 REDACTED = "<redacted>"
+_USERINFO = re.compile(r"(?<=//)[^/?#\s'\"]*@")  # up to the last "@": passwords hold "@" too
 _SECTION = re.compile(r"^\s*\[")
 _KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
 _KEY_LIKE = re.compile(rf"^\s*{_KEY}(?:\s*\.\s*{_KEY})*\s*=\s*")
@@ -20,6 +21,30 @@ SECRET_KEYS = frozenset({"header", "headers", "auth", "password", "identitytoken
 _SECRET_WORD = re.compile(r"header|auth|password|token", re.IGNORECASE)
 # `header = {...}`, `header.Name = ...`, `x = { header = ... }`: everything after the `=`
 _HEADER_KEY = re.compile(r"^(.*?(?:header|auth|password|token)[^=]*=\s*)(.+)$", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user info (`user:password@`) replaced, for messages; also without scheme."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" in authority:
+        authority = "<redacted>@" + authority.rsplit("@", 1)[1]
+    return scheme + sep + authority + rest[end:]
+
+
+def redact_text(text: str) -> str:
+    """Free text (a parser's message) with the user info of any URL in it replaced."""
+    return _USERINFO.sub("<redacted>@", text)
+
+
+def redact_output(text: str) -> str:
+    """The last step of every output (reports, JSON, doctor, `run`'s log lines): URL user info
+    out of whatever text reaches it. Header values and containerd's credentials never get this
+    far (`redact_hosts_toml` takes them out of what is shown of a file)."""
+    return redact_text(text)
 
 
 def _is_header(key: object) -> bool:
@@ -137,3 +162,50 @@ def _section_like(line: str) -> bool:
 
 def _quote(s: str) -> str:
     return f'"{s}"'
+
+
+class RedactingStream(io.TextIOBase):
+    """stdout or stderr with `redact_output` applied to each whole line before it is written:
+    the one place every output passes (cli.main installs it around every command). A line is
+    held until its newline or a flush, so no URL is ever cut in two between writes."""
+
+    _HOLD_LIMIT = 1 << 16  # a longer line without a newline goes out in pieces
+
+    def __init__(self, inner: TextIO) -> None:
+        super().__init__()
+        self.inner = inner
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        data = self._pending + text
+        head, newline, tail = data.rpartition("\n")
+        if newline:
+            self.inner.write(redact_output(head + newline))
+        self._pending = tail if newline else data
+        if len(self._pending) > self._HOLD_LIMIT:
+            self.inner.write(redact_output(self._pending))
+            self._pending = ""
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, ""
+            self.inner.write(redact_output(pending))
+        self.inner.flush()
+
+    def isatty(self) -> bool:
+        return self.inner.isatty()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.inner, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self.inner, "errors", None)

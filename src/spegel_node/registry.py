@@ -18,6 +18,10 @@ _HOSTNAME = re.compile(
     r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*$"
 )
 
+MAX_HOSTNAME = 253  # RFC 1035, as DNS carries it (without the trailing dot)
+MAX_LABEL = 63
+MAX_DIR_NAME = 255  # NAME_MAX: the registry's directory in the hosts dir is named host:port
+
 
 @dataclass(frozen=True, order=True)
 class Registry:
@@ -55,8 +59,22 @@ def _check_host(kind: str, raw: str, host: str, port: int | None) -> str:
             raise _bad(kind, raw, "not a valid IPv6 address (no zone allowed)")
         host = f"[{host.strip('[]')}]"
     elif not _HOSTNAME.match(host):
+        label = max(host.split("."), key=len)
+        if len(label) > MAX_LABEL and _HOSTNAME.match(
+            ".".join(p[:MAX_LABEL] for p in host.split("."))
+        ):
+            raise _bad(kind, raw, f"a DNS label is longer than {MAX_LABEL} characters")
         raise _bad(kind, raw, "host must be a DNS name or IP address")
-    return f"{host}:{port}" if port is not None else host
+    elif len(host) > MAX_HOSTNAME:
+        raise _bad(
+            kind, raw, f"host name is {len(host)} characters, more than DNS allows ({MAX_HOSTNAME})"
+        )
+    named = f"{host}:{port}" if port is not None else host
+    if len(named.encode()) > MAX_DIR_NAME:  # the hosts dir name containerd looks up
+        raise _bad(
+            kind, raw, f"host:port is longer than a directory name may be ({MAX_DIR_NAME} bytes)"
+        )
+    return named
 
 
 def parse_url(raw: object, kind: str = "registry") -> tuple[str, str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from spegel_node import fsutil, tomlload
 from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
-from spegel_node.godur import GO_DURATION, GO_MAX_NS, duration_ns, go_duration_seconds
+from spegel_node.godur import parse_go_duration
 from spegel_node.node import DEFAULT_SETTINGS_PATH, Node
 from spegel_node.registry import Registry, parse_mirror_url, parse_registry
 
@@ -152,8 +152,8 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
     extra_mirrors = tuple(parse_extra_mirror(m) for m in extra)
 
     dial_timeout = data.get("dial_timeout", "200ms")
-    ns = duration_ns(dial_timeout) if isinstance(dial_timeout, str) else None
-    if ns is None or not 0 < ns <= GO_MAX_NS:
+    ns = parse_go_duration(dial_timeout) if isinstance(dial_timeout, str) else None
+    if ns is None or ns <= 0:
         raise BadInput(
             "config key 'dial_timeout' must be a Go duration, positive and up to 2562047h, such as "
             f'"200ms", got {dial_timeout!r}'
@@ -163,7 +163,8 @@ def settings_from_mapping(data: dict[str, Any], source: str = "defaults") -> Set
         raise BadInput(f"config key 'gate_failures' must be from 1 to 1000, got {gate_failures}")
 
     probe_interval = data.get("probe_interval", "10s")
-    seconds = go_duration_seconds(probe_interval) if GO_DURATION.match(probe_interval) else None
+    ns = parse_go_duration(probe_interval) if isinstance(probe_interval, str) else None
+    seconds = None if ns is None else ns / 1e9
     if seconds is None or not 0.1 <= seconds <= 3600:
         raise BadInput(
             "config key 'probe_interval' must be a Go duration from 100ms to 1h such as "

@@ -49,6 +49,7 @@ def save_record(node: Node, record: Record) -> None:
 
 def delete_record(node: Node) -> None:
     with fsutil.open_dir(state_dir(node)) as fd:
+        fsutil.remove_stale_temp_files(fd)  # of a run killed while saving
         fsutil.unlink_at(fd, STATE_FILE)
 
 

@@ -20,9 +20,10 @@ from typing import Any
 
 from spegel_node import fsutil, pem
 from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
-from spegel_node.godur import GO_DURATION
+from spegel_node.godur import parse_go_duration
 from spegel_node.hostsdir_rules import DEFAULT_DIR, shadowed_by
-from spegel_node.hoststoml import redact_text, redact_url, table_header_path
+from spegel_node.hoststoml import table_header_path
+from spegel_node.redact import redact_text, redact_url
 from spegel_node.tomlload import too_complex
 
 ERROR = "error"
@@ -63,6 +64,7 @@ _ESCAPED_HOST_HEADER = re.compile(
 )
 _V1_COMMENT = re.compile(r"(^|[\r\n])([ \t]*#[^\n]*)")
 _DECODED_TYPES = ("capabilities.type", "skip_verify.type", "override_path.type", "header.type")
+_DURATION_SHAPE = re.compile(r"[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+")
 _KEY_START = re.compile(r"[ \t]*(?:\"([^\"\\]*)\"|'([^']*)'|([A-Za-z0-9_-]+))[ \t]*[=.]")
 
 Version = tuple[int, int, int]
@@ -614,12 +616,44 @@ class _Checker:
             self.add(
                 line, ERROR, "dial_timeout.invalid", f'{where} must be a string such as "200ms"'
             )
-        elif value and not _is_go_duration(value):
+        elif value:  # containerd skips an empty dial_timeout
+            self._check_duration(value, where, line)
+
+    def _check_duration(self, value: str, where: str, line: int | None) -> None:
+        """What containerd's time.ParseDuration makes of it (tests/judge: an error drops the
+        file), then what Go's net.Dialer does with the value (net/dial.go, Dialer.deadline)."""
+        ns = parse_go_duration(value)
+        shown = json.dumps(value[:40], ensure_ascii=False)
+        if ns is None and _DURATION_SHAPE.fullmatch(value):
+            self.add(
+                line,
+                ERROR,
+                "dial_timeout.invalid",
+                f"{where} = {shown} is beyond Go's longest duration (2562047h): containerd "
+                "drops the file",
+            )
+        elif ns is None:
             self.add(
                 line,
                 ERROR,
                 "dial_timeout.invalid",
                 f'{where} is not a duration such as "200ms" (a number needs a unit)',
+            )
+        elif ns < 0:
+            self.add(
+                line,
+                WARNING,
+                "dial_timeout.negative",
+                f"{where} = {shown} is negative: Go's dialer times out every connection to "
+                "this host at once, so containerd always goes on to the next host",
+            )
+        elif ns == 0:
+            self.add(
+                line,
+                WARNING,
+                "dial_timeout.zero",
+                f"{where} = {shown} means no dial timeout: an unreachable host holds each "
+                "pull until the kernel gives up connecting (about 2 minutes)",
             )
 
     def _file_bytes(self, name: str) -> bytes | None:
@@ -747,11 +781,6 @@ def _dotted_keys(text: str, url: str) -> list[str]:
         text,
     )
     return [str(k) for k in found]
-
-
-def _is_go_duration(value: str) -> bool:
-    """Go's time.ParseDuration accepts it (a bare "0" may carry a sign)."""
-    return bool(GO_DURATION.fullmatch(value) or re.fullmatch(r"[+-]?0", value))
 
 
 def _string_list(value: Any) -> list[str] | None:

@@ -14,6 +14,7 @@ from spegel_node.doctor.checks.distro import EmbeddedRegistry, RegistriesYaml
 from spegel_node.doctor.checks.hosts import HostsRegistry, HostsShadowing
 from spegel_node.doctor.checks.layout import LayoutDetected
 from spegel_node.doctor.checks.spegel import SpegelImage, SpegelMetrics, SpegelReadyz, SpegelV2
+from spegel_node.doctor.checks.stale import HostsStale
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check
 from spegel_node.flavors import flavor as flavor_record
@@ -53,7 +54,7 @@ def build_checks(facts: Facts) -> list[Check]:
         LocalImagePull(),
     ]
     checks += [HostsRegistry(target) for target in facts.hosts_targets()]
-    checks += [HostsShadowing(), SpegelV2(), SpegelReadyz(), SpegelMetrics()]
+    checks += [HostsShadowing(), HostsStale(), SpegelV2(), SpegelReadyz(), SpegelMetrics()]
     if facts.image is not None:
         checks.append(SpegelImage(facts.image))
     record = flavor_record(facts.flavor)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from spegel_node import fsutil, state
@@ -39,7 +40,7 @@ from spegel_node.doctor.probes import HttpResult, RunResult, http_request, run_p
 from spegel_node.errors import SpegelNodeError
 from spegel_node.flavors import COMMON_CONTAINERD, COMMON_CRICTL, FALLBACK_HOSTS_DIR
 from spegel_node.flavors import flavor as flavor_record
-from spegel_node.hostsdir_rules import DEFAULT_DIR, first_existing, lookup_order, managed_dirs
+from spegel_node.hostsdir_rules import DEFAULT_DIR, lookup_order, managed_dirs
 from spegel_node.layout import ContainerdProcess, Layout, detect, running_containerd
 from spegel_node.node import Node
 from spegel_node.nodeip import resolve_node_ip
@@ -335,19 +336,47 @@ class Facts:
     @property
     def hosts_roots(self) -> HostsRoots:
         """The hosts dirs containerd searches, in order, and whether it reads them at all."""
-        return hosts_roots(
-            self.setting("config_path"), self.containerd_version, self.layout, self.hosts_dir
+        return self._once(
+            "hosts_roots",
+            lambda: hosts_roots(
+                self.setting("config_path"), self.containerd_version, self.layout, self.hosts_dir
+            ),
         )
 
     def lookup(self, target: HostsTarget) -> Found | None:
         """The directory containerd reads for `target`: the first existing of its names, root
         after root (containerd's HostDirFromRoot; an existing entry wins even if empty)."""
-        hit = first_existing(
-            self.hosts_roots.roots,
-            target.dir_names,
-            lambda root, name: os.path.lexists(self.node.path(root) / name),
-        )
-        return Found(*hit) if hit else None
+        for root in self.hosts_roots.roots:
+            names = self.root_names(root)
+            for name in target.dir_names:
+                if name in names:
+                    return Found(root, name)
+        return None
+
+    def root_names(self, root: str) -> frozenset[str]:
+        """The entries of a hosts root, listed once per run (a run with 5,000 registries asks
+        for each): lexists semantics, a dangling link counts."""
+
+        def listing() -> frozenset[str]:
+            try:
+                return frozenset(os.listdir(self.real_dir(root)))
+            except OSError:
+                return frozenset()
+
+        return self._once(f"names {root}", listing)
+
+    def path(self, node_path: str) -> Path:
+        """`node.path`, with each parent directory resolved once per run (lstat semantics for
+        the last component, as `node.path`)."""
+        parent, _, last = node_path.rstrip("/").rpartition("/")
+        if not last or parent in ("", "/") or self.node.root == Path("/"):
+            return self.node.path(node_path)
+        return self.real_dir(parent) / last
+
+    def real_dir(self, node_path: str) -> Path:
+        """`node.real_path` of a directory, resolved once per run."""
+        key = node_path.rstrip("/") or "/"
+        return self._once(f"dir {key}", lambda: self.node.real_path(key))
 
     def hosts_targets(self) -> list[HostsTarget]:
         """The registries that should go through Spegel. With `registries = []`: `_default`,
@@ -375,8 +404,12 @@ class Facts:
     def read_file(self, node_path: str) -> bytes | None:
         """A regular file's bytes (at most MAX_FILE + 1), None when it does not exist; OSError
         for anything else (fsutil.read_file: a FIFO cannot hang doctor)."""
+        return self.read_path(self.path(node_path), node_path)
+
+    def read_path(self, path: Path, shown: str) -> bytes | None:
+        """`read_file` of a host path already resolved (`shown`: its node path)."""
         try:
-            return fsutil.read_file(self.node.path(node_path), MAX_FILE)
+            return fsutil.read_file(path, MAX_FILE)
         except FileNotFoundError:
             return None
 

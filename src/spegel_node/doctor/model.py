@@ -58,6 +58,9 @@ class Check(ABC):
     """One diagnosis with a stable id (`spegel.v2`, `hosts.docker.io`)."""
 
     area: ClassVar[str]
+    # True for a check that only reads local files (no network, no programs): the runner may
+    # run many of them on one thread (5,000 registries are 5,000 checks, not 5,000 threads)
+    local: ClassVar[bool] = False
 
     @property
     @abstractmethod

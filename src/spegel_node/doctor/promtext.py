@@ -26,6 +26,7 @@ from pathlib import Path
 from spegel_node import fsutil
 from spegel_node.doctor.model import CheckResult, Status
 from spegel_node.errors import SpegelNodeError
+from spegel_node.redact import redact_output
 
 _SAMPLE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+-?\d+)?\s*$"
@@ -119,6 +120,7 @@ def write_textfile(path: Path, text: str) -> None:
     reads *.prom only, skips it); mode 0644."""
     try:
         with fsutil.open_dir(path.parent) as dir_fd:
-            fsutil.replace_at(dir_fd, path.name, fsutil.UNCHECKED, text.encode(), mode=0o644)
+            data = redact_output(text).encode()  # the textfile is output too: one redaction place
+            fsutil.replace_at(dir_fd, path.name, fsutil.UNCHECKED, data, mode=0o644)
     except OSError as e:
         raise SpegelNodeError(f"cannot write textfile {path}: {e.strerror or e}") from e

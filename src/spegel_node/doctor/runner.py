@@ -17,7 +17,7 @@ from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.doctor.remedy import cli_command
 from spegel_node.errors import denied_to_non_root
-from spegel_node.hoststoml import redact_text
+from spegel_node.redact import redact_text
 
 HANG_FIX = (
     "something on the node hangs past every probe's own timeout; run the check's probe by hand "
@@ -120,22 +120,34 @@ def build_and_run(
     return Run(run.results, round(time.monotonic() - started, 3), run.denied)
 
 
+LOCAL_THREADS = 4  # the GIL runs local checks one at a time anyway: more threads only cost
+
+
+def _batches(checks: Sequence[Check]) -> list[list[tuple[int, Check]]]:
+    """Every check on its own thread, except the local ones (file reads only), which share a
+    few threads: their results come in as each finishes, in any order."""
+    own = [[(i, c)] for i, c in enumerate(checks) if not c.local]
+    local = [(i, c) for i, c in enumerate(checks) if c.local]
+    shared = [local[n::LOCAL_THREADS] for n in range(LOCAL_THREADS)]
+    return own + [b for b in shared if b]
+
+
 def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
     started = time.monotonic()
     results: list[CheckResult | None] = [None] * len(checks)
     done = threading.Condition()
     denied: list[str] = []
 
-    def work(index: int, check: Check) -> None:
-        result = _run_one(check, facts, denied)
-        with done:
-            results[index] = result
-            done.notify_all()
+    def work(batch: list[tuple[int, Check]]) -> None:
+        for index, check in batch:
+            result = _run_one(check, facts, denied)
+            with done:
+                results[index] = result
+                done.notify_all()
 
-    for index, check in enumerate(checks):
-        threading.Thread(
-            target=work, args=(index, check), name=f"doctor {check.id}", daemon=True
-        ).start()
+    for batch in _batches(checks):
+        name = f"doctor {batch[0][1].id}" + (f" (+{len(batch) - 1})" if len(batch) > 1 else "")
+        threading.Thread(target=work, args=(batch,), name=name, daemon=True).start()
     end = started + deadline_s
     with done:
         while any(r is None for r in results):

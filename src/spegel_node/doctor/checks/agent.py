@@ -23,13 +23,20 @@ from spegel_node.flavors import flavor as flavor_record
 from spegel_node.hostsdir_rules import DEFAULT_DIR
 from spegel_node.hoststoml import HostsTomlError, host_urls, mirror_key
 from spegel_node.node import STATE_DIR
-from spegel_node.record import digest
 
 UNIT_DIRS = (
     "/etc/systemd/system",
     "/usr/local/lib/systemd/system",
     "/usr/lib/systemd/system",
     "/lib/systemd/system",
+)
+
+
+EDITED = "changed since the last apply (by k3s, a person or another tool)"
+REBASE_NOTE = (
+    ": it keeps that version (minus the Spegel tables) as the one `spegel-node remove` gives "
+    "back, and puts the mirror first again. To drop the change instead, undo it by hand first "
+    "(`spegel-node apply --dry-run` shows the diff)"
 )
 
 
@@ -102,7 +109,7 @@ class AgentDrift(Check):
             if data is None:
                 broken.append(f"{path}: gone since the last apply")
                 continue
-            if digest(data) == rec.written_sha256:
+            if rec.holds_last_write(data):  # or the write before, of a run killed midway
                 continue
             try:
                 urls = host_urls(data.decode("utf-8", "replace"))
@@ -112,7 +119,7 @@ class AgentDrift(Check):
             if not withdrawn and not any(mirror_key(u) in wanted for u in urls):
                 broken.append(f"{path}: rewritten since the last apply, without the Spegel mirror")
             else:
-                changed.append(f"{path}: changed since the last apply")
+                changed.append(f"{path}: {EDITED}")
         applied = {k.split("/", 1)[0] for k in record.files}
         for target in [] if withdrawn else facts.hosts_targets():
             names = [n for n in target.dir_names if n != DEFAULT_DIR] or [DEFAULT_DIR]
@@ -130,9 +137,10 @@ class AgentDrift(Check):
                 [*broken, *changed],
             )
         if changed:
+            edited = any(line.endswith(EDITED) for line in changed)
             return self.warn(
                 changed[0] + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""),
-                f"run `{apply}`",
+                f"run `{apply}`" + (REBASE_NOTE if edited else ""),
                 changed,
             )
         n = len(record.files)

@@ -14,7 +14,8 @@ from spegel_node.doctor.facts import Facts, HostsTarget
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.doctor.remedy import apply_command, cli_command, gate_fix, mirrors_fix
 from spegel_node.hostsdir_rules import DEFAULT_DIR
-from spegel_node.hoststoml import mirror_key, redact_url
+from spegel_node.hoststoml import mirror_key
+from spegel_node.redact import redact_url
 from spegel_node.registry import registry_for_host
 from spegel_node.validate import (
     DIAL_TIMEOUT_SINCE,
@@ -58,6 +59,7 @@ VALIDATE_FIX = "`spegel-node validate {path}` explains each warning"
 @dataclass(frozen=True)
 class HostsRegistry(Check):
     area: ClassVar[str] = "hosts"
+    local: ClassVar[bool] = True
     target: HostsTarget
 
     @property
@@ -81,13 +83,14 @@ class HostsRegistry(Check):
                 f"no directory for {label} in {where}: containerd pulls it straight from upstream",
                 fix,
             )
-        if not facts.node.path(found.dir).is_dir():
+        host_dir = facts.path(found.dir)
+        if not host_dir.is_dir():
             return self.fail(
                 f"{found.dir} is not a directory, yet containerd looks it up for {label}",
                 f"move {found.dir} aside, then {fix}",
             )
         try:
-            data = facts.read_file(found.hosts_toml)
+            data = facts.read_path(host_dir / "hosts.toml", found.hosts_toml)
         except OSError as e:
             return self.fail(f"cannot read {found.hosts_toml}: {e.strerror or e}", fix)
         if data is None:
@@ -99,7 +102,7 @@ class HostsRegistry(Check):
                 "pulls upstream" + (f", never looking at {DEFAULT_DIR}/" if hides else ""),
                 fix,
             )
-        return self._check_file(facts, found.hosts_toml, facts.node.path(found.dir), data)
+        return self._check_file(facts, found.hosts_toml, host_dir, data)
 
     def _check_file(self, facts: Facts, path: str, host_dir: Any, data: bytes) -> CheckResult:
         label = self.target.label
