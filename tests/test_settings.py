@@ -123,3 +123,9 @@ def test_hostile_config_is_refused_by_the_guarded_loader(
     with pytest.raises(BadInput, match=why) as exc:
         load_settings(Node(tmp_path))
     assert "\n" not in str(exc.value)
+
+
+def test_a_one_line_list_of_5000_registries_is_not_too_complex(tmp_path: Path) -> None:
+    urls = ", ".join(f'"https://r{i}.example.com"' for i in range(5000))
+    write_config(tmp_path, f"registries = [{urls}]\n")
+    assert len(load_settings(Node(tmp_path)).registries) == 5000
