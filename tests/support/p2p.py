@@ -519,10 +519,13 @@ class P2PCluster(Started):
         for node in self.nodes:  # A first: it is the bootstrap peer
             node.spegel.start()
 
-    def push_image(self, repo: str = "p2p/layers", tag: str = "v1", layers: int = 3) -> str:
-        """Build a unique multi-layer image and push it to upstream (skopeo, from the bridge ns)."""
+    def push_image(
+        self, repo: str = "p2p/layers", tag: str = "v1", layers: int = 3, size: int = 1 << 20
+    ) -> str:
+        """Build a unique multi-layer image (`layers` of `size` random bytes) and push it to
+        upstream (skopeo, from the bridge ns)."""
         layout = self.root / "layouts" / uuid.uuid4().hex[:8]
-        build_layered_layout(layout, tag, layers)
+        build_layered_layout(layout, tag, layers, size)
         ref = f"{self.upstream.host}/{repo}:{tag}"
         return skopeo_push(
             layout, tag, ref, timeout=120, wrap=lambda cmd: netns_exec(self.bridge_ns, cmd)
