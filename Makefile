@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv systemd containerd runc docker-registry sko
 APT_STAMP := $(VENV)/.apt-stamp
 VENV_STAMP := $(VENV)/.venv-stamp
 
-.PHONY: demo test lint unit bench clean peers image
+.PHONY: demo demo-p2p test lint unit bench clean peers image
 
 $(APT_STAMP):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -30,6 +30,10 @@ $(VENV_STAMP): pyproject.toml | $(APT_STAMP)
 
 demo: $(VENV_STAMP) $(APT_STAMP)
 	$(BIN)/python -u scripts/demo.py
+
+# Three netns nodes sharing an image through real Spegel (needs root and `make peers`).
+demo-p2p: $(VENV_STAMP) $(APT_STAMP)
+	$(BIN)/python -u scripts/demo_p2p.py
 
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
