@@ -273,7 +273,7 @@ def bench_1_6(args: argparse.Namespace, figures: list[Figure]) -> None:
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.1f} s" if seconds >= 10 else f"{seconds * 1000:.0f} ms"
 
 
 def runs(values: Sequence[float]) -> str:
