@@ -100,8 +100,7 @@ def upstream_bytes(cluster: P2PCluster, ref: str) -> tuple[int, dict[str, int]]:
         if node.mirror in node.hosts_toml():
             cluster.wait_resolvable(node, ref)
         timed_pull(node, ref)
-    # the access log may trail the last response by a moment
-    time.sleep(0.2)
+    cluster.upstream_logged()
     fetches = upstream_blob_fetches(cluster)
     per = {n.name: sum(f.size for f in fetches if f.remote == n.ip) for n in cluster.nodes}
     return sum(per.values()), per

@@ -67,8 +67,8 @@ def test_killed_spegel_is_withdrawn_b_pulls_upstream_then_peers_serve_again(
     cluster.upstream.mark()
     result, _ = b.pull(first)
     assert result.returncode == 0, result.stderr
-    fetched = cluster.upstream.wait_for_requests(lambda _: len(blobs_from(cluster, b)) >= 4)
-    assert fetched and len(blobs_from(cluster, b)) == 4  # config + 3 layers, from upstream
+    cluster.upstream_logged()
+    assert len(blobs_from(cluster, b)) == 4  # config + 3 layers, from upstream
 
     b.spegel.start()
     back = b.apply()
@@ -81,6 +81,7 @@ def test_killed_spegel_is_withdrawn_b_pulls_upstream_then_peers_serve_again(
     cluster.upstream.mark()
     result, _ = b.pull(second)
     assert result.returncode == 0, result.stderr
+    cluster.upstream_logged()
     assert blobs_from(cluster, b) == []
 
 
@@ -125,6 +126,7 @@ def test_hung_spegel_2_3_stalls_the_pull_without_gate_not_with_it(cluster: P2PCl
             result, _ = b.pull(gated)
             assert result.returncode == 0, result.stderr
             assert hung.accepted == before  # containerd never asked the hung mirror
+            cluster.upstream_logged()
             assert len(blobs_from(cluster, b)) == 4
     finally:
         b.spegel.start()

@@ -531,6 +531,14 @@ class P2PCluster(Started):
             layout, tag, ref, timeout=120, wrap=lambda cmd: netns_exec(self.bridge_ns, cmd)
         )
 
+    def upstream_logged(self) -> None:
+        """Wait until upstream's access log holds every request answered so far: one more
+        request (a unique /v2/ query from the bridge namespace) and wait for its line."""
+        token = uuid.uuid4().hex
+        http_get(self.bridge_ns, f"{self.upstream.url}/v2/?logged={token}")
+        log = self.upstream.access_log
+        wait_until(lambda: token in log.read_text(errors="replace"), "upstream's access log", 10)
+
     def wait_resolvable(self, node: Node, ref: str, timeout: float = 20.0) -> None:
         """Wait until Spegel on `node` can resolve `ref`'s manifest through a peer."""
         host, _, rest = ref.partition("/")
