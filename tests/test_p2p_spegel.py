@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from support import fake_nodes
-from support.p2p import P2PCluster, extra_spegel, http_get
+from support.p2p import P2PCluster, extra_spegel, http_get, upstream_blob_fetches
 from support.peers import peer_bin
 
 MIRROR = "http://10.0.0.5:29999"
@@ -250,3 +250,23 @@ def test_doctor_counts_401_from_spegel_with_basic_auth_as_answering(cluster: P2P
         assert "HTTP 401" in v2["summary"] and "basic auth" in v2["summary"]
         assert checks["spegel.readyz"]["status"] != "skip"  # it answers: readyz is asked
         assert "s3cret-do-not-print" not in done.stdout + done.stderr
+        # The gate counts only 200: a 401 is a failed probe (spegel-node writes no credentials,
+        # so containerd's requests would be refused as well).
+        dry = b.spegel_node("apply", "--dry-run", config=config)
+        assert "-> HTTP 401; mirror advertised (1 failures in a row)" in dry.stdout
+        # Kept anyway (--no-gate): containerd gets 401 from it and pulls from upstream.
+        ref = cluster.push_image(repo="p2p/auth")
+        assert cluster.node("a").pull(ref)[0].returncode == 0
+        try:
+            kept = b.spegel_node("apply", "--no-gate", config=config)
+            assert kept.returncode == 0, kept.stderr
+            assert spegel.url in b.hosts_toml()
+            cluster.upstream.mark()
+            result, _ = b.pull(ref)
+            assert result.returncode == 0, result.stderr
+            cluster.upstream_logged()
+            from_b = [f for f in upstream_blob_fetches(cluster) if f.remote == b.ip]
+            assert len(from_b) == 4  # config + 3 layers: nothing came through the mirror
+        finally:
+            b.apply()
+        assert b.mirror in b.hosts_toml()
