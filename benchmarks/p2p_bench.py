@@ -3,9 +3,10 @@ real Spegel 0.7.3, spegel-node apply) and one Debian containerd 1.6.20 sandbox n
 
 - upstream bytes when A, B and C pull the same image with Spegel + spegel-node vs without;
 - B's pull time from a peer vs from upstream (medians);
-- B's pull time with Spegel hung (a listener on its hostPort that accepts and never answers),
-  with the gate (mirror withdrawn) and with `--no-gate` (mirror kept; the pull is killed after
-  --hung-cap seconds if it has not finished), on 2.3.7 and on 1.6.20.
+- B's pull time with Spegel stopped (refused) and `--no-gate`; and with Spegel hung (a listener
+  on its hostPort that accepts and never answers), with the gate (mirror withdrawn) and with
+  `--no-gate` (mirror kept; the pull is killed after --hung-cap seconds if it has not
+  finished), on 2.3.7 and on 1.6.20.
 
     .venv/bin/python benchmarks/p2p_bench.py [--runs 5] [--layers 3] [--layer-mib 8] [--hung-cap 150]
 
@@ -157,10 +158,23 @@ def bench_cluster(args: argparse.Namespace, figures: list[Figure]) -> None:
         )
         say("pull times measured")
 
+        # Spegel on B stopped (connection refused), mirror kept: the cost of a dead mirror
+        dead_ref = cluster.push_image("bench/dead-nogate", layers=args.layers, size=size)
+        b.spegel.stop()
+        with_mirror_nogate(b)
+        seconds, finished = capped_pull(b, dead_ref, args.hung_cap)
+        figures.append(
+            Figure(
+                "B pull, Spegel stopped (refused), 2.3.7, --no-gate",
+                ms(seconds) if finished else f"> {seconds:.0f} s",
+                "connection refused: containerd tries upstream at once",
+            )
+        )
+        say(f"2.3.7 Spegel stopped, no gate: {seconds:.2f} s")
+
         # Spegel on B hung
         nogate_ref = cluster.push_image("bench/hung-nogate", layers=args.layers, size=size)
         gate_ref = cluster.push_image("bench/hung-gate", layers=args.layers, size=size)
-        b.spegel.stop()
         with HungListener(b) as hung:
             with_mirror_nogate(b)
             seconds, finished = capped_pull(b, nogate_ref, args.hung_cap)
