@@ -23,7 +23,7 @@ apt_install = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-.PHONY: demo test lint unit bench clean peers image
+.PHONY: demo demo-p2p test lint unit bench clean peers image
 
 $(APT_STAMP):
 	@$(call apt_install,$(APT_PACKAGES))
@@ -46,6 +46,11 @@ $(DEMO_STAMP): pyproject.toml
 
 demo: $(DEMO_STAMP)
 	$(DEMO_VENV)/bin/python -u scripts/demo.py
+
+# Three netns nodes sharing an image through real Spegel (needs root and `make peers`).
+demo-p2p: $(VENV_STAMP) $(APT_STAMP)
+	@$(PY) tests/peers/build.py
+	$(BIN)/python -u scripts/demo_p2p.py
 
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -1,6 +1,7 @@
 """spegel-node benchmarks: wall time and peak RSS of the real console script, as medians.
 
     make bench                                      # .venv/bin/python benchmarks/run.py
+    .venv/bin/python benchmarks/run.py --p2p-only   # only the p2p cluster figures (p2p_bench.py)
     .venv/bin/python benchmarks/run.py --runs 5     # quicker, noisier
     .venv/bin/python benchmarks/run.py --rev HEAD~1 # a commit instead of the work tree
     .venv/bin/python benchmarks/run.py --no-dev     # skip the dev-venv comparison
@@ -50,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import idle_cpu  # noqa: E402
+import p2p_bench  # noqa: E402
 from support import fake_nodes  # noqa: E402
 from support.sandbox import HangingServer, Sandbox, missing_binaries  # noqa: E402
 
@@ -548,6 +550,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where the clean venv is kept",
     )
     parser.add_argument("--no-dev", action="store_true", help="skip the dev-venv comparison")
+    parser.add_argument("--no-p2p", action="store_true", help="skip the p2p cluster figures")
+    parser.add_argument(
+        "--p2p-only", action="store_true", help="only the p2p cluster figures (p2p_bench.py)"
+    )
+    p2p_bench.add_arguments(parser, prefix="p2p-")
     parser.add_argument(
         "--idle-window", type=float, default=60.0, help="idle seconds `run` is measured over"
     )
@@ -556,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         help="measure this commit (git archive) instead of the work tree, e.g. HEAD or HEAD~1",
     )
     args = parser.parse_args(argv)
+    if args.p2p_only:
+        return p2p_section(args)
     started = time.monotonic()
     for line in machine():
         print(line)
@@ -576,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     summary(rows)
+    if not args.no_p2p:
+        code = p2p_section(args)
+        if code:
+            return code
     print(
         f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"benchmark took {time.monotonic() - started:.0f} s"
@@ -636,6 +649,18 @@ def run_all(args: argparse.Namespace, bin_dirs: dict[str, Path], tmp: Path, rows
         print(f"\nbenchmark failed: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def p2p_section(args: argparse.Namespace) -> int:
+    """The p2p figures (benchmarks/p2p_bench.py): three netns nodes, real Spegel, 1.6.20."""
+    section("p2p (three netns nodes: containerd 2.3.7, Spegel 0.7.3; one 1.6.20 sandbox node)")
+    p2p_args = argparse.Namespace(**vars(args))
+    p2p_args.runs = args.p2p_runs
+    try:
+        return p2p_bench.run(p2p_args)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"\np2p benchmark failed: {e}", file=sys.stderr)
+        return 1
 
 
 def summary(rows: Sequence[Row]) -> None:

@@ -52,6 +52,7 @@ class FakeSpegel:
     """An HTTP server answering like Spegel: /v2/ 200 with an empty body, /readyz, manifests."""
 
     readyz: int = 200
+    v2: int = 200  # 401: Spegel with basic auth
     images: set[tuple[str, str, str]] = field(default_factory=set)  # (repo, ref, ns)
     metrics: str = ""
     requests: list[str] = field(default_factory=list)
@@ -69,7 +70,7 @@ def _handler(spegel: FakeSpegel) -> type[http.server.BaseHTTPRequestHandler]:
             path, _, query = self.path.partition("?")
             status, headers, data = 404, {}, b""
             if path == "/v2/":
-                status = 200
+                status = spegel.v2
             elif path == "/readyz":
                 status = spegel.readyz
             elif path == "/metrics" and spegel.metrics:
@@ -682,6 +683,19 @@ def test_spegel_refused_with_the_30020_hint(
     c = check(doctor_json(capsys, healthy), "spegel.v2")
     assert f"set host_port = {spegel.port}" in c["remediation"]
     assert "service.registry.hostPort" in c["remediation"]
+
+
+def test_spegel_401_basic_auth_answers_as_a_warning(
+    capsys: pytest.CaptureFixture[str], healthy: Path, spegel: FakeSpegel
+) -> None:
+    spegel.v2 = 401
+    data = doctor_json(capsys, healthy)
+    c = check(data, "spegel.v2")
+    assert c["status"] == "warn" and "HTTP 401" in c["summary"] and "basic auth" in c["summary"]
+    assert "Authorization" in c["summary"]
+    assert check(data, "spegel.readyz")["status"] == "pass"  # it answers: readyz is asked
+    spegel.v2 = 403
+    assert check(doctor_json(capsys, healthy), "spegel.v2")["status"] == "fail"
 
 
 def test_spegel_not_spegel_and_readyz(

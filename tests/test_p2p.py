@@ -36,6 +36,7 @@ def test_b_and_c_pull_from_a_not_from_upstream(cluster: P2PCluster) -> None:
     for node in (b, c):
         result, _ = node.pull(ref)
         assert result.returncode == 0, result.stderr
+    cluster.upstream_logged()
     blobs = [r for r in cluster.upstream.requests() if "/blobs/" in r.path]
     assert blobs == []
     assert a.mirror_served() > 0

@@ -6,7 +6,9 @@ Layout (all names carry the test process's pid, so parallel runs never collide):
   registry (`docker-registry`, access log on) listens there on :5000;
 - per node `a`, `b`, `c`: a namespace `spn-<pid>-<x>` with a veth pair to the bridge and the
   address 10.213.0.1<n>/24; inside it containerd 2.3.7 (own root/state/socket, CRI on,
-  `config_path` = the node's hosts dir, `discard_unpacked_layers = false`), `spegel registry`
+  `config_path` = /etc/containerd/certs.d, where the node's etc/containerd is bind-mounted in a
+  private mount namespace, so `doctor --root` reads the same path; `discard_unpacked_layers =
+  false`), `spegel registry`
   (registry :29999, router :5001, metrics :9090, http bootstrap on :5002 with node A as the
   bootstrap peer, a data dir for a stable peer id), and spegel-node `apply --root` on a fake
   node tree whose hosts dir is the one containerd reads.
@@ -20,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +30,8 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from support.peers import peer_bin
@@ -136,16 +140,20 @@ class NodeContainerd(_Daemon):
             "[plugins.'io.containerd.cri.v1.images']\n"
             "  discard_unpacked_layers = false\n"
             "  [plugins.'io.containerd.cri.v1.images'.registry]\n"
-            f'    config_path = "{node.hosts_dir}"\n'
+            '    config_path = "/etc/containerd/certs.d"\n'
             "[plugins.'io.containerd.cri.v1.runtime']\n"
             "  disable_apparmor = true\n"
         )
         binary = peer_bin("containerd", version=CONTAINERD_VERSION)
         env_path = f"{binary.parent}:{os.environ.get('PATH', '')}"
-        cmd = netns_exec(
-            node.ns,
-            ["env", f"PATH={env_path}", str(binary), "--config", str(node.containerd_config)],
+        # containerd sees the node's etc/containerd at /etc/containerd (a private mount
+        # namespace), so its config_path is the node path `doctor --root` reads too.
+        etc = node.containerd_config.parent
+        script = (
+            f'mount --bind "{etc}" /etc/containerd && exec env PATH="{env_path}" '
+            f'"{binary}" --config /etc/containerd/config.toml'
         )
+        cmd = netns_exec(node.ns, ["unshare", "-m", "--propagation", "private", "sh", "-c", script])
         self._launch(cmd, self.log_path, self.log_path, f"containerd on {node.socket}")
 
     def _ready(self) -> bool:
@@ -154,41 +162,73 @@ class NodeContainerd(_Daemon):
 
 
 class SpegelProc(_Daemon):
-    """`spegel registry` inside a node's namespace."""
+    """`spegel registry` inside a node's namespace.
 
-    def __init__(self, node: Node, bootstrap_ip: str) -> None:
-        super().__init__(f"spegel-{node.name}")
+    `ports` = (registry, router, http bootstrap, metrics); a second instance on a node needs its
+    own. `basic_auth` = (username, password): Spegel reads them from the fixed path
+    /etc/secrets/basic-auth, so it then runs in a private mount namespace with an overlay on /etc
+    whose upper dir holds only those two files (the host's /etc is never written)."""
+
+    def __init__(
+        self,
+        node: Node,
+        bootstrap_ip: str,
+        *,
+        ports: tuple[int, int, int, int] = (SPEGEL_PORT, ROUTER_PORT, BOOTSTRAP_PORT, METRICS_PORT),
+        name: str = "",
+        basic_auth: tuple[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"spegel-{node.name}{'-' + name if name else ''}")
         self.node = node
         self.bootstrap_ip = bootstrap_ip
-        self.data_dir = node.dir / "spegel-data"
-        self.log_path = node.dir / "spegel.log"
+        self.ports = ports
+        self.basic_auth = basic_auth
+        suffix = f"-{name}" if name else ""
+        self.data_dir = node.dir / f"spegel-data{suffix}"
+        self.log_path = node.dir / f"spegel{suffix}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.node.ip}:{self.ports[0]}"
+
+    def argv(self) -> list[str]:
+        node = self.node
+        registry, router, bootstrap, metrics = self.ports
+        peer_port = bootstrap if self.bootstrap_ip == node.ip else BOOTSTRAP_PORT
+        return [
+            str(peer_bin("spegel")),
+            "registry",
+            "--bootstrap-kind=http",
+            f"--http-bootstrap-addr=:{bootstrap}",
+            f"--http-bootstrap-peer=http://{self.bootstrap_ip}:{peer_port}",
+            f"--data-dir={self.data_dir}",
+            f"--containerd-sock={node.socket}",
+            "--containerd-namespace=k8s.io",
+            f"--containerd-content-path={node.containerd_root}/io.containerd.content.v1.content",
+            f"--registry-addr=:{registry}",
+            f"--router-addr=:{router}",
+            f"--metrics-addr=:{metrics}",
+            "--mirror-resolve-timeout=1s",
+        ]
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        node = self.node
-        cmd = netns_exec(
-            node.ns,
-            [
-                str(peer_bin("spegel")),
-                "registry",
-                "--bootstrap-kind=http",
-                f"--http-bootstrap-addr=:{BOOTSTRAP_PORT}",
-                f"--http-bootstrap-peer=http://{self.bootstrap_ip}:{BOOTSTRAP_PORT}",
-                f"--data-dir={self.data_dir}",
-                f"--containerd-sock={node.socket}",
-                "--containerd-namespace=k8s.io",
-                f"--containerd-content-path={node.containerd_root}/io.containerd.content.v1.content",
-                f"--registry-addr=:{SPEGEL_PORT}",
-                f"--router-addr=:{ROUTER_PORT}",
-                f"--metrics-addr=:{METRICS_PORT}",
-                "--mirror-resolve-timeout=1s",
-            ],
-        )
-        self._launch(cmd, self.log_path, self.log_path, f"spegel on {node.mirror}")
+        argv = self.argv()
+        if self.basic_auth is not None:
+            overlay = self.data_dir.parent / f"{self.data_dir.name}-etc"
+            secrets = overlay / "upper/secrets/basic-auth"
+            secrets.mkdir(parents=True, exist_ok=True)
+            (overlay / "work").mkdir(exist_ok=True)
+            (secrets / "username").write_text(self.basic_auth[0])
+            (secrets / "password").write_text(self.basic_auth[1])
+            opts = f"lowerdir=/etc,upperdir={overlay / 'upper'},workdir={overlay / 'work'}"
+            script = f'mount -t overlay overlay -o "{opts}" /etc && exec "$@"'
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+        self._launch(netns_exec(self.node.ns, argv), self.log_path, self.log_path, f"{self.name}")
 
     def _ready(self) -> bool:
         self._check_alive(self.log_path)
-        return http_get(self.node.ns, f"{self.node.mirror}/v2/", 0.5)[0] == 200
+        return http_get(self.node.ns, f"{self.url}/v2/", 0.5)[0] in (200, 401)
 
     def kill(self) -> None:
         """SIGKILL the whole session (ip netns exec and spegel)."""
@@ -246,8 +286,11 @@ class Node:
             'containerd_config = "/etc/containerd/config.toml"\n'
         )
 
-    def spegel_node(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """`spegel-node --root NODE_ROOT --config FILE ARGS...` inside the node's namespace."""
+    def spegel_node(
+        self, *args: str, timeout: float = 60, config: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`spegel-node CMD --root NODE_ROOT --config FILE ARGS...` inside the node's namespace
+        (`config`: another config file than the node's)."""
         env = f"PYTHONPATH={REPO / 'src'}"
         argv = [
             "env",
@@ -259,7 +302,7 @@ class Node:
             "--root",
             str(self.node_root),
             "--config",
-            str(self.config),
+            str(config or self.config),
             *args[1:],
         ]
         return subprocess.run(
@@ -309,6 +352,101 @@ class Node:
     def hosts_toml(self) -> str:
         path = self.hosts_dir / self.cluster.upstream.host / "hosts.toml"
         return path.read_text() if path.exists() else ""
+
+
+@contextlib.contextmanager
+def extra_spegel(
+    node: Node,
+    ports: tuple[int, int, int, int],
+    name: str,
+    basic_auth: tuple[str, str] | None = None,
+) -> Iterator[SpegelProc]:
+    """A second Spegel on `node`, bootstrapping from itself only: a lone instance (no peer)."""
+    spegel = SpegelProc(node, node.ip, ports=ports, name=name, basic_auth=basic_auth)
+    try:
+        spegel.start()
+        yield spegel
+    finally:
+        spegel.stop()
+
+
+HUNG_LISTENER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(64)
+print("ready", flush=True)
+held = []
+while True:
+    conn, _ = s.accept()
+    held.append(conn)
+    print("accepted", flush=True)
+"""
+
+
+class HungListener(_Daemon):
+    """In place of Spegel on a node's hostPort: accepts every connection and never answers
+    (run inside the node's namespace; each accepted connection is one line in its log)."""
+
+    def __init__(self, node: Node, port: int = SPEGEL_PORT) -> None:
+        super().__init__(f"hung-{node.name}")
+        self.node = node
+        self.port = port
+        self.log_path = node.dir / f"hung-{port}.log"
+
+    def start(self) -> None:
+        self.log_path.write_text("")
+        argv = [sys.executable, "-u", "-c", HUNG_LISTENER, self.node.ip, str(self.port)]
+        self._launch(netns_exec(self.node.ns, argv), self.log_path, self.log_path, self.name)
+
+    def _ready(self) -> bool:
+        self._check_alive(self.log_path)
+        return "ready" in self.log_path.read_text()
+
+    @property
+    def accepted(self) -> int:
+        return self.log_path.read_text().count("accepted")
+
+    def __enter__(self) -> HungListener:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_LOG_LINE = re.compile(
+    r'^(?P<remote>\S+) \S+ \S+ \[[^\]]+\] "(?P<method>\S+) (?P<target>\S+) [^"]*" '
+    r"(?P<status>\d{3}) (?P<size>\d+|-) "
+)
+
+
+@dataclass(frozen=True)
+class BlobFetch:
+    """One GET of a blob in upstream's access log: who asked, and the bytes sent."""
+
+    remote: str
+    path: str
+    size: int
+
+
+def upstream_blob_fetches(cluster: P2PCluster, since: int | None = None) -> list[BlobFetch]:
+    """Blob GETs upstream logged after byte offset `since` (default: its last `mark()`)."""
+    log = cluster.upstream.access_log
+    if not log.exists():
+        return []
+    offset = cluster.upstream._mark if since is None else since
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    fetches = []
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line.strip("\x00 "))
+        if m and m["method"] == "GET" and "/blobs/" in m["target"]:
+            size = 0 if m["size"] == "-" else int(m["size"])
+            fetches.append(BlobFetch(m["remote"], m["target"], size))
+    return fetches
 
 
 def build_layered_layout(layout: Path, tag: str, layers: int = 3, size: int = 1 << 20) -> int:
@@ -381,14 +519,25 @@ class P2PCluster(Started):
         for node in self.nodes:  # A first: it is the bootstrap peer
             node.spegel.start()
 
-    def push_image(self, repo: str = "p2p/layers", tag: str = "v1", layers: int = 3) -> str:
-        """Build a unique multi-layer image and push it to upstream (skopeo, from the bridge ns)."""
+    def push_image(
+        self, repo: str = "p2p/layers", tag: str = "v1", layers: int = 3, size: int = 1 << 20
+    ) -> str:
+        """Build a unique multi-layer image (`layers` of `size` random bytes) and push it to
+        upstream (skopeo, from the bridge ns)."""
         layout = self.root / "layouts" / uuid.uuid4().hex[:8]
-        build_layered_layout(layout, tag, layers)
+        build_layered_layout(layout, tag, layers, size)
         ref = f"{self.upstream.host}/{repo}:{tag}"
         return skopeo_push(
             layout, tag, ref, timeout=120, wrap=lambda cmd: netns_exec(self.bridge_ns, cmd)
         )
+
+    def upstream_logged(self) -> None:
+        """Wait until upstream's access log holds every request answered so far: one more
+        request (a unique /v2/ query from the bridge namespace) and wait for its line."""
+        token = uuid.uuid4().hex
+        http_get(self.bridge_ns, f"{self.upstream.url}/v2/?logged={token}")
+        log = self.upstream.access_log
+        wait_until(lambda: token in log.read_text(errors="replace"), "upstream's access log", 10)
 
     def wait_resolvable(self, node: Node, ref: str, timeout: float = 20.0) -> None:
         """Wait until Spegel on `node` can resolve `ref`'s manifest through a peer."""
@@ -417,4 +566,15 @@ def probe(ns: str, url: str) -> int:
     return http_get(ns, url)[0]
 
 
-__all__ = ["Node", "P2PCluster", "build_layered_layout", "http_get", "probe"]
+__all__ = [
+    "BlobFetch",
+    "HungListener",
+    "Node",
+    "P2PCluster",
+    "SpegelProc",
+    "build_layered_layout",
+    "extra_spegel",
+    "http_get",
+    "probe",
+    "upstream_blob_fetches",
+]

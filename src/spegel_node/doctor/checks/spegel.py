@@ -63,6 +63,18 @@ class SpegelV2(Check):
                 f"{url} answered a redirect (HTTP {r.status}), not followed: this is not Spegel",
                 f"find what listens on port {port}: ss -ltnp 'sport = :{port}'",
             )
+        if r.status == 401:
+            # Spegel with basic auth (/etc/secrets/basic-auth) answers every /v2/ request 401
+            # without credentials: it is up. spegel-node writes no Authorization header, so
+            # containerd's requests to it are refused too and its pulls fall back upstream; the
+            # health gate (200 only) withdraws such a mirror.
+            return self.warn(
+                f"{url} answered HTTP 401 in {r.elapsed_s * 1000:.0f} ms: Spegel answers, with "
+                "basic auth on; the hosts.toml spegel-node writes carries no Authorization "
+                "header, so containerd cannot pull through it",
+                "turn off Spegel's basic auth (the chart's basicAuthSecretName) on this cluster, "
+                "or let Spegel's own init container write hosts.toml (containerdMirrorAdd: true)",
+            )
         if r.status is not None:
             return self.fail(
                 f"{url} answered HTTP {r.status}: something other than Spegel holds port {port}",
