@@ -152,12 +152,23 @@ def test_imported_and_run_it_applies_and_diagnoses_the_host_tree(
     assert refused.returncode == 1, refused.stderr
     assert "ermission denied" in refused.stderr
     assert not (root / "etc/containerd/certs.d/docker.io").exists()
+    # doctor as the default user, on a tree it may read (no state dir yet: a doctor-only node)
+    early = run("doctor-early", "doctor", "--root", "/host", "-o", "json")
+    assert early.returncode in (0, 1), early.stderr
+    assert {c["id"]: c["status"] for c in json.loads(early.stdout)["checks"]}[
+        "layout.detected"
+    ] == "pass"
     applied = run("apply", "--root", "/host", "apply", "--no-gate", user="0:0")
     assert applied.returncode == 0, applied.stderr
     hosts = root / "etc/containerd/certs.d/docker.io/hosts.toml"
     assert hosts.read_text().startswith("# managed by spegel-node")
     assert '[host."http://127.0.0.1:29999"]' in hosts.read_text()
-    doctor = run("doctor", "doctor", "--root", "/host", "-o", "json")  # as the default user
+    # now root's 0700 state dir is there: the default user is told once that doctor needs root
+    denied = run("doctor-nonroot", "doctor", "--root", "/host", "-o", "json")
+    assert denied.returncode == 1 and denied.stdout == "", denied.stdout
+    assert len(denied.stderr.strip().splitlines()) == 1, denied.stderr
+    assert "needs root" in denied.stderr and "/var/lib/spegel-node" in denied.stderr
+    doctor = run("doctor", "doctor", "--root", "/host", "-o", "json", user="0:0")
     assert doctor.returncode in (0, 1), doctor.stderr
     checks = {c["id"]: c["status"] for c in json.loads(doctor.stdout)["checks"]}
     assert checks["layout.detected"] == "pass" and checks["hosts.docker.io"] == "pass"
