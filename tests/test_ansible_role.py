@@ -217,3 +217,40 @@ def test_config_template_with_every_setting(tmp_path: Path) -> None:
     assert settings.capabilities == ("pull",)
     assert (settings.dial_timeout, settings.gate_failures) == ("1s", 5)
     assert settings.hosts_dir == "/etc/containerd/certs.d"
+
+
+@pytest.mark.parametrize("textfile", ["", "/var/lib/node_exporter/textfile/spegel_node.prom"])
+def test_units_task_schedules_doctor_textfile_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], textfile: str
+) -> None:
+    """The role's install-units argv and unit list, rendered as Ansible renders them (Jinja2),
+    then run for real on a fake node: the doctor timer exists exactly when the variable is set."""
+    import jinja2
+    from support import fake_nodes
+    from support.cli import run_cli
+
+    task = load(ROLE / "tasks" / "units.yml")[0]
+    env = jinja2.Environment()
+    variables = {
+        "_spegel_node_bin": "/opt/spegel-node/venv/bin/spegel-node",
+        "_spegel_node_dry_run": [],
+        "spegel_node_doctor_textfile": textfile,
+    }
+    argv = env.compile_expression(task["ansible.builtin.command"]["argv"].strip()[2:-2])(
+        **variables
+    )
+    units = env.compile_expression(
+        load(ROLE / "vars" / "main.yml")["_spegel_node_units"].strip()[2:-2]
+    )(**variables)
+    root = tmp_path / "node"
+    fake_nodes.make_containerd(root, config_path="/etc/containerd/certs.d")
+    (root / "var/lib/node_exporter/textfile").mkdir(parents=True)
+    done = run_cli(capsys, *argv[1:], "--root", str(root))
+    assert done.code == 0, done.err
+    written = {p.name for p in (root / "etc/systemd/system").iterdir()}
+    assert set(units) <= written
+    assert ("spegel-node-doctor.timer" in units) == bool(textfile)
+    assert ("spegel-node-doctor.timer" in written) == bool(textfile)
+    if textfile:
+        service = (root / "etc/systemd/system/spegel-node-doctor.service").read_text()
+        assert f"--textfile {textfile}" in service
