@@ -30,6 +30,7 @@ KNOWN_IDS = (
     "containerd.discard_unpacked_layers",
     "containerd.local_image_pull",
     "hosts.shadowing",
+    "hosts.stale",
     "spegel.v2",
     "spegel.readyz",
     "spegel.metrics",
