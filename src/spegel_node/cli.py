@@ -6,15 +6,16 @@ import functools
 import inspect
 import os
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional  # Optional: typer evaluates it on 3.9
 
 import typer
 
 from spegel_node import __version__
+from spegel_node.compat import StrEnum
 from spegel_node.errors import BadInput, SpegelNodeError
 from spegel_node.node import Node
 
@@ -57,21 +58,22 @@ OutputOpt = Annotated[
     OutputFormat, typer.Option("--output", "-o", help="text (table or plain lines) or json.")
 ]
 ConfigOpt = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option(
         "--config",
         help="Config file, read as given [default: /etc/spegel-node/config.toml under --root].",
     ),
 ]
 HostsDirOpt = Annotated[
-    str | None, typer.Option("--hosts-dir", help="Override the hosts (certs.d) dir, a node path.")
+    Optional[str],
+    typer.Option("--hosts-dir", help="Override the hosts (certs.d) dir, a node path."),
 ]
 SocketOpt = Annotated[
-    str | None,
+    Optional[str],
     typer.Option("--containerd-socket", help="Override containerd's socket, a node path."),
 ]
 CtrConfigOpt = Annotated[
-    str | None,
+    Optional[str],
     typer.Option("--containerd-config", help="Override containerd's config file, a node path."),
 ]
 
@@ -121,7 +123,11 @@ def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Call
     `common: Common`, checked once."""
 
     def register(command: Callable[..., int]) -> Callable[..., int]:
-        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+        hints = typing.get_type_hints(command, include_extras=True)  # eval_str= needs 3.10
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in list(inspect.signature(command).parameters.values())[1:]
+        ]
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> int:
@@ -138,10 +144,25 @@ def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Call
     return register
 
 
+def _click(module: str) -> Any:
+    """typer's own click (typer 0.24 and later), or the click package (typer 0.23, Python 3.9)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"typer._click.{module}")
+    except ImportError:
+        return importlib.import_module(f"click.{module}")
+
+
+def _usage_exception() -> Any:
+    """typer.TyperException (0.27 and later), click.ClickException before."""
+    return getattr(typer, "TyperException", None) or _click("exceptions").ClickException
+
+
 def _inherit_common(kwargs: dict[str, Any]) -> None:
     """A common option given before the subcommand applies unless the subcommand sets it too."""
-    from typer._click.core import ParameterSource
-    from typer._click.globals import get_current_context
+    ParameterSource = _click("core").ParameterSource
+    get_current_context = _click("globals").get_current_context
 
     ctx = get_current_context()
     before = ctx.obj if isinstance(ctx.obj, dict) else {}
@@ -170,9 +191,7 @@ def _main(ctx: typer.Context, version: bool = False, **common: Any) -> None:
             print(f"spegel-node {__version__}")
         raise typer.Exit(0)
     if ctx.invoked_subcommand is None:
-        from typer._click.exceptions import UsageError
-
-        raise UsageError("missing command (see spegel-node --help)")
+        raise _click("exceptions").UsageError("missing command (see spegel-node --help)")
 
 
 _VersionOpt = Annotated[
@@ -321,11 +340,11 @@ def remove(
 def validate(
     common: Common,
     paths: Annotated[
-        list[Path] | None,
+        Optional[list[Path]],
         typer.Argument(help="hosts.toml files or hosts dirs (node paths under --root)."),
     ] = None,
     containerd_version: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--containerd-version", help="Judge with this containerd's rules, e.g. 1.7.20."
         ),
@@ -368,14 +387,14 @@ def validate(
 def doctor(
     common: Common,
     image: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--image",
             help="Also ask the local Spegel whether a peer can serve this image (e.g. alpine:3.20).",
         ),
     ] = None,
     textfile: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option(
             "--textfile",
             help="Also write the results in Prometheus text format to FILE (a host path, "
@@ -441,7 +460,7 @@ def run_command(
         bool, typer.Option("--no-gate", help="Advertise the mirror without probing /v2/.")
     ] = False,
     ready_file: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option(
             "--ready-file",
             help="Write FILE (used as given) once the first apply is done; removed on exit.",
@@ -476,14 +495,14 @@ def run_command(
 def install_units_command(
     common: Common,
     unit_dir: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option(
             "--unit-dir",
             help="Where to write the units, used as given [default: /etc/systemd/system under --root].",
         ),
     ] = None,
     exec_path: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--exec",
             help="The spegel-node executable on the node [default: the one running now].",
@@ -597,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("spegel-node: aborted", file=sys.stderr)
         return 130
-    except typer.TyperException as e:  # usage errors: bad option, missing argument, bad value
+    except _usage_exception() as e:  # usage errors: bad option, missing argument, bad value
         print(f"spegel-node: error: {e.format_message()}", file=sys.stderr)
         return 2
     except BrokenPipeError:

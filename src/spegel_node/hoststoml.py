@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from spegel_node import tomlload
+from spegel_node.compat import tomllib
 from spegel_node.errors import SpegelNodeError
 
 MANAGED_HEADER = "# managed by spegel-node"

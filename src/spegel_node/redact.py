@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable
 from typing import Any
 
+from spegel_node.compat import tomllib
 from spegel_node.hoststoml import redact_text
 from spegel_node.tomlload import too_complex
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from spegel_node.compat import tomllib
 from spegel_node.errors import BadInput
 from spegel_node.node import DEFAULT_CONFIG, Node
 from spegel_node.registry import Registry, parse_mirror_url, parse_registry

@@ -8,9 +8,9 @@ each gets the same guards and one error type with a one-line reason.
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
 
+from spegel_node.compat import tomllib
 from spegel_node.errors import SpegelNodeError
 
 MAX_BYTES = 4 << 20  # far above any real containerd config or hosts.toml

@@ -14,12 +14,12 @@ import json
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spegel_node.compat import tomllib
 from spegel_node.errors import BadInput
 from spegel_node.hoststoml import redact_text, redact_url, table_header_path
 from spegel_node.registry import DEFAULT_DIR

@@ -257,7 +257,7 @@ def _exchange(
                 answering = calls.get(getattr(event, "stream_id", 0) or 0)
                 if answering is None:
                     continue
-                if isinstance(event, ResponseReceived | TrailersReceived):
+                if isinstance(event, (ResponseReceived, TrailersReceived)):
                     answering.take(event.headers)
                 elif isinstance(event, DataReceived):
                     answering.data += event.data
