@@ -117,17 +117,31 @@ _COMMON_OPTIONS = [
 ]
 
 
+def _evaluated_signature(command: Callable[..., Any]) -> inspect.Signature:
+    """The signature with its annotations evaluated, as typer needs them (on Python 3.9 typer
+    0.23 reads the strings `from __future__ import annotations` leaves, and loses the options;
+    `inspect.signature(eval_str=)` is 3.10+)."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    params = []
+    for p in inspect.signature(command).parameters.values():
+        hint = hints.get(p.name, p.annotation)
+        args = typing.get_args(hint)
+        # Before 3.11 a None default wraps Annotated[X, ...] in Optional[...]: unwrap it.
+        if typing.get_origin(hint) is typing.Union and len(args) == 2 and type(None) in args:
+            inner = args[0] if args[1] is type(None) else args[1]
+            if typing.get_origin(inner) is Annotated:
+                hint = inner
+        params.append(p.replace(annotation=hint))
+    return inspect.Signature(params, return_annotation=hints.get("return", inspect.Signature.empty))
+
+
 def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Register a command that also takes the options every command has (--root, --output,
     --config and the layout overrides, SPEC "Commands") and gets them as its first argument,
     `common: Common`, checked once."""
 
     def register(command: Callable[..., int]) -> Callable[..., int]:
-        hints = typing.get_type_hints(command, include_extras=True)  # eval_str= needs 3.10
-        own = [
-            p.replace(annotation=hints.get(p.name, p.annotation))
-            for p in list(inspect.signature(command).parameters.values())[1:]
-        ]
+        own = list(_evaluated_signature(command).parameters.values())[1:]
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> int:
@@ -216,7 +230,6 @@ class Shell(StrEnum):
     fish = "fish"
 
 
-@app.command()
 def completion(
     shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")],
 ) -> int:
@@ -237,6 +250,10 @@ def completion(
     )
     print(script)
     return 0
+
+
+completion.__signature__ = _evaluated_signature(completion)  # type: ignore[attr-defined]
+app.command()(completion)
 
 
 def _settings_and_layout(common: Common) -> tuple[Settings, Layout]:

@@ -1,13 +1,19 @@
 """What Python 3.11 added that the agent uses, for Pythons 3.9 and 3.10 (RHEL 9, Ubuntu 22.04).
 
 `tomllib` is `tomli` below 3.11 (same API; a dependency there only). `StrEnum` is a `str` and
-an `Enum` whose `str()` and `format()` give the value, as 3.11's does.
+an `Enum` whose `str()` and `format()` give the value, as 3.11's does. `zip_strict(a, b)` is
+`zip(a, b, strict=True)` (3.10+).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 from enum import Enum
+from typing import TypeVar
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -24,4 +30,12 @@ else:  # pragma: no cover - run by tests/test_pyversions.py on 3.9
             return str.__format__(self, format_spec)
 
 
-__all__ = ["StrEnum", "tomllib"]
+def zip_strict(a: Iterable[T], b: Iterable[U]) -> Iterator[tuple[T, U]]:
+    """Pairs of `a` and `b`; ValueError when their lengths differ."""
+    left, right = list(a), list(b)
+    if len(left) != len(right):
+        raise ValueError(f"zip_strict: {len(left)} and {len(right)} items")
+    return zip(left, right)
+
+
+__all__ = ["StrEnum", "tomllib", "zip_strict"]

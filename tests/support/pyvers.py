@@ -13,6 +13,7 @@ No systemd boots: the unit tests need only an interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -142,9 +143,7 @@ def ensure_venv(tree: Path, requirements: Sequence[str], *, timeout: float = 900
         shutil.rmtree(tree / VENV.lstrip("/"), ignore_errors=True)
         run_in_tree(tree, ["python3", "-m", "venv", VENV], timeout=timeout)
         run_in_tree(tree, [f"{VENV}/bin/pip", "install", "-q", "-U", "pip"], timeout=timeout)
-        run_in_tree(
-            tree, [f"{VENV}/bin/pip", "install", "-q", *requirements], timeout=timeout
-        )
+        run_in_tree(tree, [f"{VENV}/bin/pip", "install", "-q", *requirements], timeout=timeout)
         marker.write_text("\n".join(sorted(requirements)) + "\n")
     return VENV
 
@@ -161,3 +160,8 @@ def build_own_wheel(repo: Path, dest: Path, *, timeout: float = 300.0) -> Path:
         raise NspawnError(f"pip wheel {repo} failed:\n{_tail(proc.stderr)}")
     (wheel,) = dest.glob("spegel_node-*.whl")
     return wheel
+
+
+def tree_lock(tree: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock one test run holds on ``tree`` while it installs the wheel and runs tests."""
+    return _flock(CACHE_DIR / f".{tree.name}.run.lock")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from spegel_node.compat import zip_strict
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.hoststoml import redact_text
@@ -82,6 +83,6 @@ def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
                 "probe by hand (see docs/checks.md)",
                 duration_s=round(time.monotonic() - started, 4),
             )
-            for r, check in zip(results, checks, strict=True)
+            for r, check in zip_strict(results, checks)
         ]
     return Run(tuple(final), round(time.monotonic() - started, 3))
