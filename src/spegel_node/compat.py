@@ -2,11 +2,13 @@
 
 `tomllib` is `tomli` below 3.11 (same API; a dependency there only). `StrEnum` is a `str` and
 an `Enum` whose `str()` and `format()` give the value, as 3.11's does. `zip_strict(a, b)` is
-`zip(a, b, strict=True)` (3.10+).
+`zip(a, b, strict=True)` (3.10+). `TIMEOUT_ERRORS` catches a socket timeout: before 3.10
+`socket.timeout` is an OSError but not a TimeoutError.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from enum import Enum
@@ -14,6 +16,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
+
+TIMEOUT_ERRORS: tuple[type[OSError], ...] = (TimeoutError, socket.timeout)
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -38,4 +42,4 @@ def zip_strict(a: Iterable[T], b: Iterable[U]) -> Iterator[tuple[T, U]]:
     return zip(left, right)
 
 
-__all__ = ["StrEnum", "tomllib", "zip_strict"]
+__all__ = ["TIMEOUT_ERRORS", "StrEnum", "tomllib", "zip_strict"]
