@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv systemd containerd runc docker-registry sko
 APT_STAMP := $(VENV)/.apt-stamp
 VENV_STAMP := $(VENV)/.venv-stamp
 
-.PHONY: demo test lint unit bench clean peers image
+.PHONY: demo test lint unit bench clean peers image wheelhouse
 
 $(APT_STAMP):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -54,3 +54,9 @@ clean:
 # OCI archive dist/spegel-node-image.tar from Debian packages and our wheel, without Docker.
 image: $(VENV_STAMP) $(APT_STAMP)
 	$(BIN)/python scripts/build_image.py
+
+# The Ansible role's wheelhouse for ARCH nodes (x86_64 or aarch64; default: this machine's),
+# for Pythons 3.9 to 3.13: ansible/wheelhouse/ARCH (docs/rollout.md).
+ARCH ?= $(shell uname -m)
+wheelhouse: $(VENV_STAMP)
+	$(BIN)/python scripts/wheelhouse.py --arch $(ARCH)
