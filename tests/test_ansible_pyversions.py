@@ -9,11 +9,14 @@ from a module beside the playbook that returns them as facts, as setup would.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from support import pyvers
 from test_ansible_role import ROLE, ansible_env, need
 
 PLAYBOOK = [
@@ -40,6 +43,11 @@ FACTS_MODULE = """\
 import json
 facts = {{"architecture": "{arch}", "service_mgr": "systemd"}}
 print(json.dumps({{"changed": False, "ansible_facts": facts}}))
+"""
+SERVICE_MGR_MODULE = """\
+#!/usr/bin/python
+import json
+print(json.dumps({"changed": False, "ansible_facts": {"service_mgr": "systemd"}}))
 """
 
 
@@ -105,3 +113,47 @@ def test_a_flat_wheelhouse_still_works_for_one_architecture(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"wheelhouse={flat}" in proc.stdout
     assert os.path.isdir(flat)
+
+
+@pytest.mark.pyversions
+@pytest.mark.parametrize("suite", sorted(pyvers.SUITES))
+def test_preflight_on_debian_trees_with_their_own_python(suite: str, tmp_path: Path) -> None:
+    """The preflight over Ansible's chroot connection into the pyversions trees: the modules
+    run on the tree's own python3 (3.9, 3.13), the architecture fact is real; only the service
+    manager is stood in for (nothing runs in a chroot)."""
+    playbook = need("ansible-playbook")
+    reason = pyvers.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    tree = pyvers.ensure_tree(suite)
+    wheelhouse = tmp_path / "wheelhouse" / platform.machine()
+    wheelhouse.mkdir(parents=True)
+    (wheelhouse / "spegel_node-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "node_facts.py").write_text(SERVICE_MGR_MODULE)
+    play = [
+        {
+            "hosts": "all",
+            "gather_facts": False,
+            "tasks": [
+                {"ansible.builtin.setup": {"gather_subset": ["!all", "platform"]}},
+                {"name": "Service manager", "node_facts": {}},
+                {"ansible.builtin.include_role": {"name": "spegel_node", "tasks_from": "preflight", "public": True}},
+                {"ansible.builtin.debug": {"msg": "wheelhouse={{ _spegel_node_arch_wheelhouse }} python={{ _spegel_node_python_probe.stdout }}"}},
+            ],
+        }
+    ]  # fmt: skip
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    (tmp_path / "inventory.ini").write_text(
+        f"{suite} ansible_connection=community.general.chroot ansible_host={tree} "
+        "ansible_python_interpreter=/usr/bin/python3\n"
+    )
+    env = ansible_env(tmp_path)
+    env["ANSIBLE_ROLES_PATH"] = str(ROLE.parent)
+    proc = subprocess.run(
+        [str(playbook), "-i", str(tmp_path / "inventory.ini"), str(tmp_path / "play.yml"),
+         "-e", f"spegel_node_wheelhouse={tmp_path / 'wheelhouse'}"],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert f"wheelhouse={wheelhouse} python={pyvers.SUITES[suite]}." in proc.stdout
