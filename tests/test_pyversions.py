@@ -131,7 +131,8 @@ def test_unit_tests_pass_on_debian_python(
         proc = pyvers.run_in_tree(
             tree,
             [f"{venv}/bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "--rootdir", WORK, "-c", f"{WORK}/pyproject.toml", *tests],
+             "--rootdir", WORK, "-c", f"{WORK}/pyproject.toml", "--basetemp", f"{WORK}/tmp",
+             *tests],
             env=env, timeout=900, check=False,
         )  # fmt: skip
         timings["pytest"] = time.monotonic() - t1
