@@ -29,7 +29,11 @@ from support.nspawn import CACHE_DIR, NspawnError, _flock, _remove_tree, _tail, 
 
 # suite -> the python3 minor version its python3 package has
 SUITES = {"bullseye": "3.9", "trixie": "3.13"}
-PACKAGES = ("python3", "python3-venv")
+PACKAGES = (
+    "python3",
+    "python3-venv",
+    "e2fsprogs",
+)  # e2fsprogs: chattr, for test_reliability_faults
 _RECIPE_VERSION = 1
 HOST_CA = Path(os.environ.get("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt"))
 TREE_CA = "/etc/spegel-node-test-host-ca.crt"
@@ -114,7 +118,8 @@ def run_in_tree(
                 "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_DEFAULT_TIMEOUT": "180",
                 "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}  # fmt: skip
     script = (
-        'T="$1"; shift; mount --rbind /dev "$T/dev" && mount --make-rslave "$T/dev" && '
+        'T="$1"; shift; mount --bind "$T" "$T" && mount --make-private "$T" && '
+        'mount --rbind /dev "$T/dev" && mount --make-rslave "$T/dev" && '
         'mount -t proc proc "$T/proc" && exec chroot "$T" /usr/bin/env -i "$@"'
     )
     cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--", "sh", "-c", script,
