@@ -8,7 +8,6 @@ an `Enum` whose `str()` and `format()` give the value, as 3.11's does. `zip_stri
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterable, Iterator
 from enum import Enum
@@ -17,14 +16,18 @@ from typing import TypeVar
 T = TypeVar("T")
 U = TypeVar("U")
 
-TIMEOUT_ERRORS: tuple[type[OSError], ...] = (TimeoutError, socket.timeout)
+TIMEOUT_ERRORS: tuple[type[OSError], ...] = (TimeoutError,)  # socket.timeout is TimeoutError
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 
     import tomllib
 else:  # pragma: no cover - run by tests/test_pyversions.py on 3.9
+    import socket
+
     import tomli as tomllib
+
+    TIMEOUT_ERRORS = (TimeoutError, socket.timeout)
 
     class StrEnum(str, Enum):
         def __str__(self) -> str:
