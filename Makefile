@@ -23,7 +23,7 @@ apt_install = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-.PHONY: demo demo-p2p test lint unit bench clean peers image
+.PHONY: demo demo-p2p test lint unit bench clean peers image wheelhouse
 
 $(APT_STAMP):
 	@$(call apt_install,$(APT_PACKAGES))
@@ -75,3 +75,9 @@ clean:
 # OCI archive dist/spegel-node-image.tar from Debian packages and our wheel, without Docker.
 image: $(VENV_STAMP) $(APT_STAMP)
 	$(BIN)/python scripts/build_image.py
+
+# The Ansible role's wheelhouse for ARCH nodes (x86_64 or aarch64; default: this machine's),
+# for Pythons 3.9 to 3.13: ansible/wheelhouse/ARCH (docs/rollout.md).
+ARCH ?= $(shell uname -m)
+wheelhouse: $(VENV_STAMP)
+	$(BIN)/python scripts/wheelhouse.py --arch $(ARCH)

@@ -7,15 +7,16 @@ import functools
 import inspect
 import os
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional  # Optional: typer evaluates it on 3.9
 
 import typer
 
 from spegel_node import __version__
+from spegel_node.compat import StrEnum
 from spegel_node.errors import BadInput, NeedsRoot, SpegelNodeError, denied_to_non_root
 from spegel_node.node import Node
 
@@ -58,21 +59,22 @@ OutputOpt = Annotated[
     OutputFormat, typer.Option("--output", "-o", help="text (table or plain lines) or json.")
 ]
 ConfigOpt = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option(
         "--config",
         help="Config file, read as given [default: /etc/spegel-node/config.toml under --root].",
     ),
 ]
 HostsDirOpt = Annotated[
-    str | None, typer.Option("--hosts-dir", help="Override the hosts (certs.d) dir, a node path.")
+    Optional[str],
+    typer.Option("--hosts-dir", help="Override the hosts (certs.d) dir, a node path."),
 ]
 SocketOpt = Annotated[
-    str | None,
+    Optional[str],
     typer.Option("--containerd-socket", help="Override containerd's socket, a node path."),
 ]
 CtrConfigOpt = Annotated[
-    str | None,
+    Optional[str],
     typer.Option("--containerd-config", help="Override containerd's config file, a node path."),
 ]
 
@@ -116,13 +118,31 @@ _COMMON_OPTIONS = [
 ]
 
 
+def _evaluated_signature(command: Callable[..., Any]) -> inspect.Signature:
+    """The signature with its annotations evaluated, as typer needs them (on Python 3.9 typer
+    0.23 reads the strings `from __future__ import annotations` leaves, and loses the options;
+    `inspect.signature(eval_str=)` is 3.10+)."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    params = []
+    for p in inspect.signature(command).parameters.values():
+        hint = hints.get(p.name, p.annotation)
+        args = typing.get_args(hint)
+        # Before 3.11 a None default wraps Annotated[X, ...] in Optional[...]: unwrap it.
+        if typing.get_origin(hint) is typing.Union and len(args) == 2 and type(None) in args:
+            inner = args[0] if args[1] is type(None) else args[1]
+            if typing.get_origin(inner) is Annotated:
+                hint = inner
+        params.append(p.replace(annotation=hint))
+    return inspect.Signature(params, return_annotation=hints.get("return", inspect.Signature.empty))
+
+
 def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Register a command that also takes the options every command has (--root, --output,
     --config and the layout overrides, SPEC "Commands") and gets them as its first argument,
     `common: Common`, checked once."""
 
     def register(command: Callable[..., int]) -> Callable[..., int]:
-        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+        own = list(_evaluated_signature(command).parameters.values())[1:]
 
         @functools.wraps(command)
         def run(**kwargs: Any) -> int:
@@ -144,10 +164,25 @@ def node_command(name: str | None = None) -> Callable[[Callable[..., int]], Call
     return register
 
 
+def _click(module: str) -> Any:
+    """typer's own click (typer 0.24 and later), or the click package (typer 0.23, Python 3.9)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"typer._click.{module}")
+    except ImportError:
+        return importlib.import_module(f"click.{module}")
+
+
+def _usage_exception() -> Any:
+    """typer.TyperException (0.27 and later), click.ClickException before."""
+    return getattr(typer, "TyperException", None) or _click("exceptions").ClickException
+
+
 def _inherit_common(kwargs: dict[str, Any]) -> None:
     """A common option given before the subcommand applies unless the subcommand sets it too."""
-    from typer._click.core import ParameterSource
-    from typer._click.globals import get_current_context
+    ParameterSource = _click("core").ParameterSource
+    get_current_context = _click("globals").get_current_context
 
     ctx = get_current_context()
     before = ctx.obj if isinstance(ctx.obj, dict) else {}
@@ -176,9 +211,7 @@ def _main(ctx: typer.Context, version: bool = False, **common: Any) -> None:
             print(f"spegel-node {__version__}")
         raise typer.Exit(0)
     if ctx.invoked_subcommand is None:
-        from typer._click.exceptions import UsageError
-
-        raise UsageError("missing command (see spegel-node --help)")
+        raise _click("exceptions").UsageError("missing command (see spegel-node --help)")
 
 
 _VersionOpt = Annotated[
@@ -203,7 +236,6 @@ class Shell(StrEnum):
     fish = "fish"
 
 
-@app.command()
 def completion(
     shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")],
 ) -> int:
@@ -224,6 +256,10 @@ def completion(
     )
     print(script)
     return 0
+
+
+completion.__signature__ = _evaluated_signature(completion)  # type: ignore[attr-defined]
+app.command()(completion)
 
 
 def _settings_and_layout(common: Common) -> tuple[Settings, Layout]:
@@ -327,11 +363,11 @@ def remove(
 def validate(
     common: Common,
     paths: Annotated[
-        list[Path] | None,
+        Optional[list[Path]],
         typer.Argument(help="hosts.toml files or hosts dirs (node paths under --root)."),
     ] = None,
     containerd_version: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--containerd-version", help="Judge with this containerd's rules, e.g. 1.7.20."
         ),
@@ -376,14 +412,14 @@ def validate(
 def doctor(
     common: Common,
     image: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--image",
             help="Also ask the local Spegel whether a peer can serve this image (e.g. alpine:3.20).",
         ),
     ] = None,
     textfile: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option(
             "--textfile",
             help="Also write the results in Prometheus text format to FILE (a host path, "
@@ -391,7 +427,7 @@ def doctor(
         ),
     ] = None,
     ignore: Annotated[
-        list[str] | None,
+        Optional[list[str]],
         typer.Option(
             "--ignore",
             metavar="ID",
@@ -472,14 +508,14 @@ def run_command(
         bool, typer.Option("--no-gate", help="Advertise the mirror without probing /v2/.")
     ] = False,
     ready_file: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option(
             "--ready-file",
             help="Write FILE (used as given) once the first apply is done; removed on exit.",
         ),
     ] = None,
     textfile: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option(
             "--textfile",
             help="Also write doctor's results to FILE (used as given, atomically) as "
@@ -531,14 +567,14 @@ def run_command(
 def install_units_command(
     common: Common,
     unit_dir: Annotated[
-        Path | None,
+        Optional[Path],
         typer.Option(
             "--unit-dir",
             help="Where to write the units, used as given [default: /etc/systemd/system under --root].",
         ),
     ] = None,
     exec_path: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--exec",
             help="The spegel-node executable on the node [default: the one running now].",
@@ -556,7 +592,7 @@ def install_units_command(
         ),
     ] = UnitMode.timer,
     textfile: Annotated[
-        str | None,
+        Optional[str],
         typer.Option(
             "--textfile",
             help="Also write spegel-node-doctor.timer + .service: `doctor --textfile FILE` "
@@ -684,7 +720,7 @@ def _run_main(argv: list[str] | None) -> int:
     except typer.Abort:
         print("spegel-node: aborted", file=sys.stderr)
         return 130
-    except typer.TyperException as e:  # usage errors: bad option, missing argument, bad value
+    except _usage_exception() as e:  # usage errors: bad option, missing argument, bad value
         print(f"spegel-node: error: {e.format_message()}", file=sys.stderr)
         return 2
     except BrokenPipeError:

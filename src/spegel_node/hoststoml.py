@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spegel_node import tomlload
+from spegel_node.compat import zip_strict
 from spegel_node.errors import SpegelNodeError
 from spegel_node.redact import redact_text, redact_url
 
@@ -222,7 +223,7 @@ def _split(text: str) -> list[_Piece]:
         paths.append(path)
         previous = pos
     cuts.append(len(text))
-    return [_Piece(text[a:b], p) for a, b, p in zip(cuts, cuts[1:], paths, strict=False)]
+    return [_Piece(text[a:b], p) for a, b, p in zip(cuts, cuts[1:], paths)]
 
 
 # ---------------------------------------------------------------- editing
@@ -235,7 +236,7 @@ def _drop(pieces: list[_Piece], urls: set[str], nl: str) -> list[_Piece]:
     that is the separator `_insert` adds when it appends at the end.
     """
     keep = [p.host_url is None or mirror_key(p.host_url) not in urls for p in pieces]
-    kept = [p for p, k in zip(pieces, keep, strict=True) if k]
+    kept = [p for p, k in zip_strict(pieces, keep) if k]
     if kept and not keep[-1] and kept[-1].text.endswith(nl + nl):
         kept[-1] = _Piece(kept[-1].text[: -len(nl)], kept[-1].path)
     return [p for p in kept if p.text]
@@ -341,7 +342,7 @@ def _mirrors_first(doc: dict[str, Any], mirrors: Sequence[MirrorHost]) -> bool:
         return False
     return all(
         mirror_key(url) == mirror_key(m.url) and table == _table_value(m)
-        for (url, table), m in zip(first, mirrors, strict=True)
+        for (url, table), m in zip_strict(first, mirrors)
     )
 
 

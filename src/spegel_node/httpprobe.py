@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from spegel_node.compat import TIMEOUT_ERRORS
+
 MAX_BODY = 4 << 20
 
 
@@ -130,7 +132,7 @@ def http_request(
         return done(response.status, headers=names, body=body)
     except ConnectionRefusedError:
         return done(None, "connection refused")
-    except TimeoutError:
+    except TIMEOUT_ERRORS:
         return done(None, f"no answer within {timeout:g}s")
     except http.client.HTTPException as e:
         return done(None, f"not an HTTP answer ({type(e).__name__})")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from typing import Any
 
+from spegel_node.compat import tomllib
 from spegel_node.errors import SpegelNodeError
 
 MAX_BYTES = 4 << 20  # far above any real containerd config or hosts.toml

@@ -12,13 +12,13 @@ import difflib
 import ipaddress
 import json
 import re
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spegel_node import fsutil, pem
+from spegel_node.compat import tomllib
 from spegel_node.errors import BadInput, denied_to_non_root, needs_root_hint
 from spegel_node.godur import parse_go_duration
 from spegel_node.hostsdir_rules import DEFAULT_DIR, shadowed_by

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spegel_node.compat import zip_strict
 from spegel_node.errors import BadInput
 from spegel_node.node import Node
 from spegel_node.validate import ERROR, Finding, Version, validate_file, validate_hosts_dir
@@ -89,7 +90,7 @@ def strictest(per_version: Sequence[list[Finding]]) -> list[Finding]:
     """One list from the findings of each STRICTEST version: per (path, line, code) the most
     severe, naming the versions it holds for when not all of them agree."""
     groups: dict[tuple[str, int | None, str], list[tuple[Version, Finding]]] = {}
-    for v, found in zip(STRICTEST, per_version, strict=True):
+    for v, found in zip_strict(STRICTEST, per_version):
         for f in found:
             groups.setdefault((f.path, f.line, f.code), []).append((v, f))
     out: list[Finding] = []

@@ -22,12 +22,15 @@ import socket
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded
+
+if TYPE_CHECKING:
+    from typing import Self  # 3.11+: the doctor tests import this module on 3.9 too
 from h2.exceptions import H2Error
 
 from spegel_node.doctor.cri import grpc_frame

@@ -53,8 +53,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    from typing import Self  # 3.11+: conftest imports this module on 3.9 too
 
 LOOPBACK = "127.0.0.1"
 CONTAINERD_UA_PREFIX = "containerd/"

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
+from spegel_node.compat import TIMEOUT_ERRORS
+
 if TYPE_CHECKING:
     from h2.connection import H2Connection
 
@@ -95,7 +97,7 @@ def _ask(path: Path, conn: H2Connection, timeout: float, deadline: float) -> Soc
         return answer("missing", "does not exist")
     except PermissionError:
         return answer("denied", "permission denied (run doctor as root)")
-    except TimeoutError:
+    except TIMEOUT_ERRORS:
         return answer("timeout", f"did not accept a connection within {timeout:g}s")
     except OSError as e:
         return answer("error", e.strerror or type(e).__name__)
@@ -257,7 +259,7 @@ def _exchange(
                 answering = calls.get(getattr(event, "stream_id", 0) or 0)
                 if answering is None:
                     continue
-                if isinstance(event, ResponseReceived | TrailersReceived):
+                if isinstance(event, (ResponseReceived, TrailersReceived)):
                     answering.take(event.headers)
                 elif isinstance(event, DataReceived):
                     answering.data += event.data
@@ -267,7 +269,7 @@ def _exchange(
                 elif isinstance(event, StreamReset):
                     answering.ended, answering.reset = True, _name(event.error_code)
             _send(sock, conn)
-    except TimeoutError:
+    except TIMEOUT_ERRORS:
         pass  # the deadline: judged below from what did arrive
     except H2Error as e:
         return SocketAnswer("error", f"broke the HTTP/2 protocol: {e}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar
+
+from spegel_node.compat import StrEnum
 
 if TYPE_CHECKING:
     from spegel_node.doctor.facts import Facts

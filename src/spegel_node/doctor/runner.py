@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from spegel_node.compat import zip_strict
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult, Status
 from spegel_node.doctor.remedy import cli_command
@@ -166,6 +167,6 @@ def run_checks(checks: Sequence[Check], facts: Facts, deadline_s: float) -> Run:
                 HANG_FIX,
                 duration_s=round(time.monotonic() - started, 4),
             )
-            for r, check in zip(results, checks, strict=True)
+            for r, check in zip_strict(results, checks)
         ]
         return Run(tuple(final), round(time.monotonic() - started, 3), tuple(denied))

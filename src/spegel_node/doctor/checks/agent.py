@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+from spegel_node.compat import zip_strict
 from spegel_node.doctor.facts import Facts
 from spegel_node.doctor.model import Check, CheckResult
 from spegel_node.doctor.remedy import (
@@ -215,7 +216,7 @@ class AgentTimer(Check):
             done = facts.run(["systemctl", "is-active", *TIMER_UNITS])
             states = done.stdout.split()
             if done.returncode is not None and len(states) == len(TIMER_UNITS):
-                inactive = [u for u, s in zip(TIMER_UNITS, states, strict=True) if s != "active"]
+                inactive = [u for u, s in zip_strict(TIMER_UNITS, states) if s != "active"]
                 if inactive:
                     return self.warn(
                         f"{', '.join(inactive)} enabled but not active: {why}", ENABLE_TIMER

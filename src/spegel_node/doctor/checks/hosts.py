@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from spegel_node.compat import zip_strict
 from spegel_node.doctor.checks import no_layout
 from spegel_node.doctor.facts import Facts, HostsTarget
 from spegel_node.doctor.model import Check, CheckResult, Status
@@ -209,9 +210,7 @@ class HostsRegistry(Check):
             summary = f"{path} lists Spegel first ({shown}), but: {problems[0][0]}"
             found = {f"{f.code}: {f.message}" for f in findings}
             more = [what for what, _ in problems[1:] if what not in found]
-            lines = [
-                line for f, line in zip(findings, details, strict=True) if f.message not in summary
-            ]
+            lines = [line for f, line in zip_strict(findings, details) if f.message not in summary]
             return self.result(Status.WARN, summary, fixes, [*more, *lines])
         return self.passed(f"{path} lists Spegel first ({shown})", details)
 
