@@ -188,6 +188,9 @@ class RedactingStream(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        if getattr(self.inner, "closed", False):  # e.g. at interpreter exit, after the inner one
+            self._pending = ""
+            return
         if self._pending:
             pending, self._pending = self._pending, ""
             self.inner.write(redact_output(pending))
