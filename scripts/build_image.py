@@ -254,10 +254,18 @@ def rootfs(work: Path, epoch: int, lock_path: Path = LOCK) -> Path:
         stdout=subprocess.DEVNULL,
     )
     # Every runtime requirement of our wheel is installed (the lock covers them), and it starts.
+    # (requirements whose python_version marker leaves this Python out, e.g. tomli, are skipped)
     smoke = (
-        "import importlib.metadata as m, re\n"
+        "import importlib.metadata as m, operator as o, re, sys\n"
+        "OPS = {'<': o.lt, '<=': o.le, '>': o.gt, '>=': o.ge, '==': o.eq, '!=': o.ne}\n"
+        "def applies(marker):\n"
+        "    found = re.findall(r'python_version\\s*(<=|>=|<|>|==|!=)\\s*.([\\d.]+).', marker)\n"
+        "    ok = all(OPS[op](sys.version_info[:2], tuple(map(int, v.split('.'))))"
+        " for op, v in found)\n"
+        "    return ok and 'extra ==' not in marker\n"
         "for r in m.distribution('spegel-node').requires or []:\n"
-        "    if 'extra ==' not in r: m.version(re.split(r'[ <>=!~;\\[(]', r, maxsplit=1)[0])\n"
+        "    name, _, marker = r.partition(';')\n"
+        "    if applies(marker): m.version(re.split(r'[ <>=!~\\[(]', name.strip(), maxsplit=1)[0])\n"
         "import spegel_node.cli, spegel_node.doctor, spegel_node.reconcile, psutil, h2.connection\n"
     )
     for argv in (["/usr/bin/python3.11", "-c", smoke], ["/usr/bin/spegel-node", "--version"]):
