@@ -22,51 +22,27 @@ Prints one row each; never fails on the figures (exit 1 when a command fails).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.server
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.v2stub import v2_server  # noqa: E402
+
 HOSTS = "etc/containerd/certs.d"
 DAY_S = 86400.0
 TIMER_RUNS_PER_DAY = 1440  # OnUnitActiveSec=1min
 GOAL_RUN_S = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REGISTRIES = ["https://docker.io", "https://ghcr.io", "https://quay.io", "https://gcr.io"]
-
-
-class _V2(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200 if self.path == "/v2/" else 404)
-        self.send_header("Content-Length", "2")
-        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def v2_server() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _V2)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def make_node(base: Path, port: int, probe_interval: str = "") -> Path:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import http.server
 import json
 import os
 import platform
@@ -40,10 +39,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +52,7 @@ import idle_cpu  # noqa: E402
 import p2p_bench  # noqa: E402
 from support import fake_nodes  # noqa: E402
 from support.sandbox import HangingServer, Sandbox, missing_binaries  # noqa: E402
+from support.v2stub import v2_server  # noqa: E402
 
 HOSTS_DIR = "/etc/containerd/certs.d"
 BUDGETS = {
@@ -296,31 +295,6 @@ def seed_distro_files(root: Path, n: int) -> None:
 
 
 # ---------------------------------------------------------------- a /v2/ server for the gate
-
-
-class _V2(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        ok = self.path == "/v2/"
-        self.send_response(200 if ok else 404)
-        self.send_header("Content-Length", "2")
-        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def v2_server() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _V2)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ---------------------------------------------------------------- the report

@@ -4,11 +4,9 @@ the shipped manifests' (docs/flux: kube-system), and a dead mirror port with Spe
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from support.cli import run_cli
 from support.fake_nodes import make_containerd, write
 from support.peers import peer_bin
 from support.sandbox import free_port
+from support.v2stub import v2_server
 
 from spegel_node.doctor.checks import spegel as spegel_checks
 
@@ -26,23 +25,10 @@ DOCTOR_SRC = REPO / "src/spegel_node/doctor"
 APP = REPO / "docs/flux/kubernetes/main/apps/kube-system/spegel/app/kustomization.yaml"
 
 
-class _V2(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200 if self.path == "/v2/" else 404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def answering_port() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _V2)
-    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with v2_server() as port:
+        yield port
 
 
 def spegel_v2(capsys: pytest.CaptureFixture[str], root: Path, host_port: int) -> dict[str, str]:
