@@ -9,17 +9,16 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spegel_node import fsutil, gate, hostsdir, state, tomlload
+from spegel_node import fsutil, gate, hostsdir, preflight, state
 from spegel_node.errors import Refused, SpegelNodeError
 from spegel_node.flavors import FALLBACK_HOSTS_DIR
-from spegel_node.flavors import flavor as flavor_record
 from spegel_node.gate import ProbeResult
-from spegel_node.hostsdir_rules import DEFAULT_DIR, HOSTS_TOML, MAX_HOSTS_TOML
+from spegel_node.hostsdir_rules import HOSTS_TOML, MAX_HOSTS_TOML
 from spegel_node.hoststoml import MirrorHost
 from spegel_node.instructions import distro_owned_message
 from spegel_node.layout import Layout
@@ -27,11 +26,10 @@ from spegel_node.node import STATE_DIR, Node
 from spegel_node.nodeip import resolve_node_ip
 from spegel_node.plan import HostsChange, Plan, plan_apply, plan_remove
 from spegel_node.record import GateState, Record
-from spegel_node.registry import registry_for_host
 from spegel_node.settings import Settings
 
 if TYPE_CHECKING:
-    from spegel_node.doctor.facts import Facts
+    pass
 
 
 @dataclass(frozen=True)
@@ -67,93 +65,6 @@ def _layout_warnings(layout: Layout, hosts_dir: str) -> tuple[str, ...]:
     return (
         f"containerd on this node does not set config_path, so it will not read {hosts_dir} "
         "until it does; run `spegel-node doctor` for the exact setting",
-    )
-
-
-def regenerated_warnings(
-    node: Node, layout: Layout, plan: Plan, mirror_urls: Sequence[str]
-) -> tuple[str, ...]:
-    """One line per dir this plan writes that k3s/RKE2 regenerate from registries.yaml at every
-    start without the Spegel mirror (doctor's k3s.registries_yaml check, same rules)."""
-    if not flavor_record(layout.flavor).registries_yaml:
-        return ()
-    from spegel_node.doctor.checks.distro import registries_yaml_path, registries_yaml_rewrites
-
-    source = registries_yaml_path(layout.flavor)
-    try:
-        text = fsutil.read_file(node.path(source), tomlload.MAX_BYTES).decode("utf-8", "replace")
-    except OSError:  # none (k3s then leaves the hosts dir alone), or unreadable: doctor says
-        return ()
-    dirs: dict[str, str] = {}  # registries.yaml name -> hosts dir entry
-    for change in plan.changes:
-        if change.action in ("create", "update"):  # the Spegel mirror goes in
-            name = (
-                "*" if change.dir_name == DEFAULT_DIR else registry_for_host(change.dir_name).host
-            )
-            dirs.setdefault(name, change.dir_name)
-    rewritten, _ = registries_yaml_rewrites(text, list(dirs), mirror_urls)
-    return tuple(
-        f"{layout.flavor} regenerates {plan.hosts_dir}/{dirs[name]} from {source} at every "
-        "start, dropping the Spegel mirror: name Spegel first there or keep the repair units on "
-        "(`spegel-node doctor`, check k3s.registries_yaml, shows how)"
-        for name in rewritten
-    )
-
-
-def _ask_containerd(layout: Layout, urls: tuple[str, ...]) -> bool:
-    """Whether the checks below could say anything: an IPv6 mirror URL, or a config that does
-    not set one config_path root (several roots, or none: 2.2+ defaults to two). Keeps the
-    usual apply from importing doctor and asking the socket."""
-    config = layout.config
-    return any("[" in u for u in urls) or config is None or len(config.hosts_dirs) != 1
-
-
-def _facts(node: Node, layout: Layout, settings: Settings) -> Facts:
-    """doctor's read-only facts about this node (the running containerd's version, its CRI
-    settings), for the few checks apply shares with doctor."""
-    from spegel_node.doctor.facts import Facts
-
-    return Facts(node, settings, layout=layout)
-
-
-def ipv6_refusal(facts: Facts, urls: tuple[str, ...]) -> Refused | None:
-    """containerd 1.x (go-toml v1) drops a hosts.toml whose `[host."..."]` header holds an IPv6
-    address ("table key cannot contain ']'"), and 2.x reads hosts from such headers only (the
-    inline-table or dotted-key forms 1.x reads are ignored by 2.x): no form suits both, so on
-    1.x apply writes nothing. Measured with each version's judge (tests/judge)."""
-    ipv6 = [u for u in urls if "[" in u]
-    if not ipv6:
-        return None
-    version = facts.containerd_version
-    if version.version is None or version.version >= (2, 0, 0):
-        return None
-    return Refused(
-        f"the mirror URL {ipv6[0]} is an IPv6 address, and containerd {version.text} (go-toml "
-        'v1) drops a hosts.toml whose [host."..."] header holds one (\'table key cannot '
-        "contain ]'), so every pull would bypass Spegel; set node_ip to an IPv4 address of "
-        "this node (or a host name) in /etc/spegel-node/config.toml, or upgrade containerd to "
-        "2.x, which reads it"
-    )
-
-
-def local_pull_warning(facts: Facts, layout: Layout) -> str:
-    """Why containerd's CRI pulls will not read the files apply writes ("" when they will):
-    doctor's `containerd.local_image_pull` check (containerd 2.1+ pulling through the transfer
-    service with several config_path roots), asked through doctor's own facts."""
-    from spegel_node.doctor.checks.containerd import LocalImagePull
-    from spegel_node.doctor.model import Status
-
-    try:
-        result = LocalImagePull().run(facts)
-    except Exception:  # a diagnosis that cannot be made never stops apply
-        return ""
-    if result.status not in (Status.FAIL, Status.WARN):
-        return ""
-    return (
-        f"{result.summary}; the files apply writes will not be read for Kubernetes pulls. Fix: "
-        f'keep one config_path root (config_path = "{hosts_dir_of(layout)}"), or set '
-        f'use_local_image_pull = true in [plugins."io.containerd.cri.v1.images"]; '
-        "`spegel-node doctor` prints the exact change for this node"
     )
 
 
@@ -224,8 +135,8 @@ def apply_mirrors(
     if layout.distro_owned:
         raise Refused(distro_owned_message(layout.flavor, settings.registries, urls))
     hosts_dir = hosts_dir_of(layout)
-    facts = _facts(node, layout, settings) if _ask_containerd(layout, urls) else None
-    refusal = ipv6_refusal(facts, urls) if facts is not None else None
+    facts = preflight.containerd_facts(node, layout, settings, urls)
+    refusal = preflight.ipv6_refusal(facts, urls) if facts is not None else None
     if refusal is not None:
         raise refusal
     with _locked(node, dry_run):
@@ -261,11 +172,11 @@ def apply_mirrors(
                         files.pop(key, None)
                 _save(node, new_record.with_files(files))
             plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
-    local_pull = local_pull_warning(facts, layout) if facts is not None else ""
+    local_pull = preflight.local_pull_warning(facts, hosts_dir) if facts is not None else ""
     warnings = (
         *_layout_warnings(layout, hosts_dir),
         *((local_pull,) if local_pull else ()),
-        *regenerated_warnings(node, layout, plan, urls),
+        *preflight.regenerated_warnings(node, layout, plan, urls),
         *skipped,
     )
     return Outcome("apply", plan, dry_run, urls, gate_state, probe, warnings)
