@@ -44,3 +44,13 @@ def test_license_is_the_declared_apache_2() -> None:
     assert "Version 2.0, January 2004" in text
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_readme_command_table_lists_every_command() -> None:
+    import typer
+
+    from spegel_node.cli import app
+
+    commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    listed = set(re.findall(r"^\| `spegel-node ([a-z-]+)", (REPO / "README.md").read_text(), re.M))
+    assert listed == commands
