@@ -248,40 +248,46 @@ def _flock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_base_image(*, timeout: float = 1800.0) -> Path:
-    """Return the cached base tree, debootstrapping it first if it does not exist yet."""
-    base = base_image_path()
-    if base.is_dir():
-        return base
-    with _flock(CACHE_DIR / ".base.lock"):
-        if base.is_dir():  # built by another process while we waited for the lock
-            return base
+def cached_tree(dest: Path, kind: str, build: Callable[[Path], None]) -> Path:
+    """`dest` under CACHE_DIR, built once by `build(tmp)` into a temp dir that is renamed into
+    place (so a killed build leaves no half tree). Concurrent callers of one `kind` ("base",
+    "pyvers-bullseye": the start of `dest`'s name) wait on its lock; the temp dirs of its killed
+    builds are removed first."""
+    if dest.is_dir():
+        return dest
+    with _flock(CACHE_DIR / f".{kind}.lock"):
+        if dest.is_dir():  # built by another process while we waited for the lock
+            return dest
         # Holding the lock, any temp build dir is a leftover of a killed build.
-        for stale in CACHE_DIR.glob(".tmp-base-*"):
-            _remove_tree(stale)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{base.name}-", dir=CACHE_DIR))
-        log = CACHE_DIR / f"{base.name}.log"
+        for leftover in CACHE_DIR.glob(f".tmp-{kind}-*"):
+            _remove_tree(leftover)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=CACHE_DIR))
         try:
-            _debootstrap(tmp, log, timeout)
+            build(tmp)
             tmp.chmod(0o755)
-            tmp.rename(base)
+            tmp.rename(dest)
         finally:
             if tmp.exists():
                 _remove_tree(tmp)
-    return base
+    return dest
 
 
-def _debootstrap(target: Path, log: Path, timeout: float) -> None:
+def ensure_base_image(*, timeout: float = 1800.0) -> Path:
+    """Return the cached base tree, debootstrapping it first if it does not exist yet."""
+    base = base_image_path()
+    log = CACHE_DIR / f"{base.name}.log"
+    return cached_tree(base, "base", lambda tmp: _debootstrap(tmp, log, timeout))
+
+
+def debootstrap_minbase(
+    suite: str, packages: Sequence[str], target: Path, log: Path, timeout: float
+) -> None:
+    """`debootstrap --variant=minbase` of `suite` with `packages` into `target`, from the mirror
+    this machine's apt uses (it serves the other suites too); the command and its output go to
+    `log`; NspawnError with the log's tail when it fails or takes longer than `timeout`."""
     mirror = apt_mirror()
-    argv = [
-        "debootstrap",
-        "--variant=minbase",
-        "--include=" + ",".join(BASE_PACKAGES),
-        SUITE,
-        str(target),
-        mirror,
-    ]
-    started = time.monotonic()
+    argv = ["debootstrap", "--variant=minbase", "--include=" + ",".join(packages),
+            suite, str(target), mirror]  # fmt: skip
     with open(log, "w") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
@@ -291,14 +297,21 @@ def _debootstrap(target: Path, log: Path, timeout: float) -> None:
                 timeout=timeout, check=False,
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
-            raise NspawnError(f"debootstrap took longer than {timeout:.0f}s; see {log}") from exc
+            raise NspawnError(
+                f"debootstrap {suite} took longer than {timeout:.0f}s; see {log}"
+            ) from exc
     if proc.returncode != 0:
         inner = target / "debootstrap" / "debootstrap.log"
         detail = _tail(inner.read_text(errors="replace")) if inner.is_file() else ""
         raise NspawnError(
-            f"debootstrap failed ({proc.returncode}) from {mirror}; see {log}\n"
+            f"debootstrap {suite} failed ({proc.returncode}) from {mirror}; see {log}\n"
             f"{_tail(log.read_text(errors='replace'))}\n{detail}"
         )
+
+
+def _debootstrap(target: Path, log: Path, timeout: float) -> None:
+    started, mirror = time.monotonic(), apt_mirror()
+    debootstrap_minbase(SUITE, BASE_PACKAGES, target, log, timeout)
     # Every node gets its own machine-id (systemd-machine-id-setup --root at copy time).
     (target / "etc" / "machine-id").unlink(missing_ok=True)
     dbus_id = target / "var" / "lib" / "dbus" / "machine-id"

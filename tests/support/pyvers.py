@@ -20,12 +20,18 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from support.nspawn import CACHE_DIR, NspawnError, _flock, _remove_tree, _tail, apt_mirror
+from support.nspawn import (
+    CACHE_DIR,
+    NspawnError,
+    _flock,
+    _tail,
+    cached_tree,
+    debootstrap_minbase,
+)
 
 # suite -> the python3 minor version its python3 package has
 SUITES = {"bullseye": "3.9", "trixie": "3.13"}
@@ -60,46 +66,16 @@ def tree_path(suite: str) -> Path:
 def ensure_tree(suite: str, *, timeout: float = 900.0) -> Path:
     """The cached minbase tree of ``suite`` with python3, debootstrapped first if missing."""
     tree = tree_path(suite)
-    if tree.is_dir():
-        return tree
-    with _flock(CACHE_DIR / f".pyvers-{suite}.lock"):
-        if tree.is_dir():
-            return tree
-        for stale in CACHE_DIR.glob(f".tmp-pyvers-{suite}-*"):
-            _remove_tree(stale)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{tree.name}-", dir=CACHE_DIR))
-        log = CACHE_DIR / f"{tree.name}.log"
-        try:
-            # The mirror this machine's apt uses for its own suite serves the others too.
-            mirror = apt_mirror()
-            argv = ["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                    suite, str(tmp), mirror]  # fmt: skip
-            started = time.monotonic()
-            with open(log, "w") as out:
-                out.write(f"$ {' '.join(argv)}\n")
-                out.flush()
-                try:
-                    proc = subprocess.run(
-                        argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                        timeout=timeout, check=False,
-                    )  # fmt: skip
-                except subprocess.TimeoutExpired as exc:
-                    raise NspawnError(f"debootstrap {suite} took over {timeout:.0f}s") from exc
-            if proc.returncode != 0:
-                raise NspawnError(
-                    f"debootstrap {suite} failed ({proc.returncode}) from {mirror}; see {log}\n"
-                    f"{_tail(log.read_text(errors='replace'))}"
-                )
-            for deb in (tmp / "var" / "cache" / "apt" / "archives").glob("*.deb"):
-                deb.unlink()
-            with open(log, "a") as out:
-                out.write(f"built in {time.monotonic() - started:.1f}s\n")
-            tmp.chmod(0o755)
-            tmp.rename(tree)
-        finally:
-            if tmp.exists():
-                _remove_tree(tmp)
-    return tree
+
+    def build(tmp: Path) -> None:
+        started, log = time.monotonic(), CACHE_DIR / f"{tree.name}.log"
+        debootstrap_minbase(suite, PACKAGES, tmp, log, timeout)
+        for deb in (tmp / "var" / "cache" / "apt" / "archives").glob("*.deb"):
+            deb.unlink()
+        with open(log, "a") as out:
+            out.write(f"built in {time.monotonic() - started:.1f}s\n")
+
+    return cached_tree(tree, f"pyvers-{suite}", build)
 
 
 def run_in_tree(
