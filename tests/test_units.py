@@ -284,47 +284,61 @@ needs_systemd_analyze = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def rendered(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Path:
-    """The units for plain containerd, with ExecStart= the real spegel-node of this venv."""
+def render_units(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> Path:
+    """The units install-units writes for plain containerd with `args`, into tmp_path/units,
+    with ExecStart= the real spegel-node of this venv."""
     make_containerd(tmp_path / "node", config_path=CONTAINERD_HOSTS)
     real_exec = Path(sys.executable).parent / "spegel-node"
     assert real_exec.is_file()
     out = tmp_path / "units"
-    result = install(capsys, tmp_path / "node", "--exec", str(real_exec), "--unit-dir", str(out))
+    result = install(
+        capsys, tmp_path / "node", "--exec", str(real_exec), "--unit-dir", str(out), *args
+    )
     assert result.code == 0, result.err
     return out
 
 
-@needs_systemd_analyze
-def test_systemd_analyze_verify_is_clean(rendered: Path) -> None:
+def assert_verify_clean(*units: Path) -> None:
+    """`systemd-analyze verify` passes and says nothing about spegel-node."""
     proc = subprocess.run(
-        ["systemd-analyze", "verify", *(str(rendered / n) for n in UNIT_NAMES)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        ["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
     ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "spegel-node" in line]
     assert ours == []
 
 
-@needs_systemd_analyze
-def test_service_exposure_is_at_most_3(
-    rendered: Path, record_property: pytest.RecordProperty
-) -> None:
+def exposure_of(unit: Path) -> float:
+    """`systemd-analyze security --offline`'s overall exposure level of `unit`."""
     proc = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(rendered / SERVICE)],
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     assert match, proc.stdout + proc.stderr
-    exposure = float(match[1])
+    return float(match[1])
+
+
+@pytest.fixture
+def rendered(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Path:
+    return render_units(capsys, tmp_path)
+
+
+@needs_systemd_analyze
+def test_systemd_analyze_verify_is_clean(rendered: Path) -> None:
+    assert_verify_clean(*(rendered / n for n in UNIT_NAMES))
+
+
+@needs_systemd_analyze
+def test_service_exposure_is_at_most_3(
+    rendered: Path, record_property: pytest.RecordProperty
+) -> None:
+    exposure = exposure_of(rendered / SERVICE)
     record_property("exposure", exposure)
     print(f"systemd-analyze security: {SERVICE} exposure {exposure}")
-    assert exposure <= 3.0, proc.stdout
+    assert exposure <= 3.0
 
 
 # --- --mode service: one long-running `run` -------------------------------------------------------
@@ -332,16 +346,7 @@ def test_service_exposure_is_at_most_3(
 
 @pytest.fixture
 def rendered_service(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Path:
-    make_containerd(tmp_path / "node", config_path=CONTAINERD_HOSTS)
-    real_exec = Path(sys.executable).parent / "spegel-node"
-    out = tmp_path / "units"
-    result = install(
-        capsys,
-        tmp_path / "node",
-        *("--mode", "service", "--exec", str(real_exec), "--unit-dir", str(out)),
-    )
-    assert result.code == 0, result.err
-    return out
+    return render_units(capsys, tmp_path, "--mode", "service")
 
 
 def test_service_mode_writes_one_hardened_notify_unit(rendered_service: Path) -> None:
@@ -358,23 +363,8 @@ def test_service_mode_writes_one_hardened_notify_unit(rendered_service: Path) ->
 
 @needs_systemd_analyze
 def test_service_mode_verify_is_clean_and_exposure_at_most_3(rendered_service: Path) -> None:
-    unit = str(rendered_service / RUN_SERVICE)
-    proc = subprocess.run(
-        ["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert [
-        line for line in (proc.stdout + proc.stderr).splitlines() if "spegel-node" in line
-    ] == []
-    proc = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--no-pager", unit],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
-    assert match, proc.stdout + proc.stderr
-    assert float(match[1]) <= 3.0, proc.stdout
+    assert_verify_clean(rendered_service / RUN_SERVICE)
+    assert exposure_of(rendered_service / RUN_SERVICE) <= 3.0
 
 
 # --- --textfile: doctor every minute, for node_exporter's textfile collector ----------------------
@@ -460,34 +450,10 @@ def test_bad_textfile_paths_are_bad_input(
 
 @pytest.fixture
 def rendered_doctor(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Path:
-    make_containerd(tmp_path / "node", config_path=CONTAINERD_HOSTS)
-    real_exec = Path(sys.executable).parent / "spegel-node"
-    out = tmp_path / "units"
-    result = install(
-        capsys,
-        tmp_path / "node",
-        *("--exec", str(real_exec), "--unit-dir", str(out), "--textfile", TEXTFILE),
-    )
-    assert result.code == 0, result.err
-    return out
+    return render_units(capsys, tmp_path, "--textfile", TEXTFILE)
 
 
 @needs_systemd_analyze
 def test_doctor_units_verify_clean_and_exposure_at_most_3(rendered_doctor: Path) -> None:
-    units = [str(rendered_doctor / n) for n in DOCTOR_UNIT_NAMES]
-    proc = subprocess.run(
-        ["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert [
-        line for line in (proc.stdout + proc.stderr).splitlines() if "spegel-node" in line
-    ] == []
-    proc = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--no-pager", units[0]],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
-    assert match, proc.stdout + proc.stderr
-    assert float(match[1]) <= 3.0, proc.stdout
+    assert_verify_clean(*(rendered_doctor / n for n in DOCTOR_UNIT_NAMES))
+    assert exposure_of(rendered_doctor / DOCTOR_UNIT_NAMES[0]) <= 3.0
