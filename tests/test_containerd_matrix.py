@@ -196,14 +196,6 @@ def doctor_checks(sb: Sandbox) -> dict[str, dict[str, str]]:
     return {c["id"]: c for c in json.loads(result.stdout)["checks"]}
 
 
-def crictl_pull(sb: Sandbox) -> subprocess.CompletedProcess[str]:
-    endpoint = f"unix://{sb.containerd.socket}"
-    cmd = [str(peer_bin("crictl")), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint]
-    return subprocess.run(
-        [*cmd, "pull", sb.image_ref], capture_output=True, text=True, timeout=120, check=False
-    )
-
-
 @pytest.mark.sandbox
 @pytest.mark.parametrize("version", VERSIONS)
 def test_containerd_runs_on_its_configured_default_and_pulls_through_the_mirror(
@@ -219,12 +211,9 @@ def test_containerd_runs_on_its_configured_default_and_pulls_through_the_mirror(
         dump = config_dump(version, sb.containerd.config_path)
         assert dumped_cri(dump) == (str(sb.hosts_dir), False)
         assert dumped_socket(dump) == str(sb.containerd.socket)
-        sb.write_hosts_toml(
-            f'server = "{sb.upstream.url}"\n\n'
-            f'[host."{sb.spegel.url}"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+        sb.write_mirror_first()
         up, mirror = sb.upstream.mark(), sb.spegel.mark()
-        result = crictl_pull(sb)
+        result = sb.crictl_pull()
         assert result.returncode == 0, result.stderr[-2000:]
         served = sb.spegel.containerd_requests(since=mirror)
         assert any("/blobs/" in r.path for r in served), served

@@ -9,16 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from support.peers import CONTAINERD_VERSIONS, peer_bin
+from support.peers import CONTAINERD_VERSIONS
 from support.sandbox import Request, Sandbox
-
-
-def _crictl_pull(sb: Sandbox) -> subprocess.CompletedProcess[str]:
-    endpoint = f"unix://{sb.containerd.socket}"
-    cmd = [str(peer_bin("crictl")), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint]
-    return subprocess.run(
-        [*cmd, "pull", sb.image_ref], capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 def _fetched(requests: list[Request]) -> bool:
@@ -31,12 +23,9 @@ def _fetched(requests: list[Request]) -> bool:
 def test_crictl_pull_is_served_by_the_mirror(version: str) -> None:
     with Sandbox(containerd_version=version) as sb:
         assert sb.containerd.version.startswith(version), sb.containerd.version
-        sb.write_hosts_toml(
-            f'server = "{sb.upstream.url}"\n\n'
-            f'[host."{sb.spegel.url}"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+        sb.write_mirror_first()
         up, mirror = sb.upstream.mark(), sb.spegel.mark()
-        result = _crictl_pull(sb)
+        result = sb.crictl_pull()
         assert result.returncode == 0, result.stderr[-2000:]
         served = sb.spegel.containerd_requests(since=mirror)
         assert _fetched(served), served
@@ -48,7 +37,7 @@ def test_crictl_pull_without_hosts_toml_goes_upstream() -> None:
     """The control: the same pull with no hosts.toml reaches upstream, never the mirror."""
     with Sandbox(containerd_version=CONTAINERD_VERSIONS["2.3"]) as sb:
         up, mirror = sb.upstream.mark(), sb.spegel.mark()
-        result = _crictl_pull(sb)
+        result = sb.crictl_pull()
         assert result.returncode == 0, result.stderr[-2000:]
         assert _fetched(sb.upstream.containerd_requests(since=up))
         assert sb.spegel.containerd_requests(since=mirror) == []
@@ -99,12 +88,9 @@ def _multi_root_pull(
         sb.containerd.config_path_value = f"{sb.hosts_dir}:{other}"
         sb.containerd.config_extra = extra
         sb.containerd.start()
-        sb.write_hosts_toml(
-            f'server = "{sb.upstream.url}"\n\n'
-            f'[host."{sb.spegel.url}"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+        sb.write_mirror_first()
         up, mirror = sb.upstream.mark(), sb.spegel.mark()
-        result = _crictl_pull(sb)
+        result = sb.crictl_pull()
         assert result.returncode == 0, result.stderr[-2000:]
         verdict = _doctor_local_pull_check(sb)
         verdict["apply_warnings"] = "\n".join(_apply_warnings(sb))

@@ -642,6 +642,30 @@ class Sandbox(Started):
         path.write_text(text)
         return path
 
+    def write_mirror_first(self, registry: str | None = None) -> Path:
+        """A hosts.toml naming the Spegel stand-in before upstream (what apply writes)."""
+        return self.write_hosts_toml(
+            f'server = "{self.upstream.url}"\n\n'
+            f'[host."{self.spegel.url}"]\n  capabilities = ["pull", "resolve"]\n',
+            registry,
+        )
+
+    def crictl_pull(self) -> subprocess.CompletedProcess[str]:
+        """`crictl pull` of the sandbox image: CRI PullImage, hosts.toml read daemon-side."""
+        from support.peers import peer_bin  # only here: it needs the peer cache
+
+        endpoint = f"unix://{self.containerd.socket}"
+        cmd = [
+            str(peer_bin("crictl")),
+            "--runtime-endpoint",
+            endpoint,
+            "--image-endpoint",
+            endpoint,
+        ]
+        return subprocess.run(
+            [*cmd, "pull", self.image_ref], capture_output=True, text=True, timeout=120, check=False
+        )
+
     def pull(
         self,
         ref: str | None = None,
