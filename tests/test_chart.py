@@ -6,7 +6,6 @@ proxy; the chart's keys are the same.)"""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,8 @@ import pytest
 import yaml
 from support.cli import run_cli
 from support.fake_nodes import BUILDERS
-from support.peers import peer_bin
+from support.peers import helm_template, spegel_module
 
-SPEGEL_MODULE = "github.com/spegel-org/spegel@v0.7.3"
 HELMRELEASE = (
     Path(__file__).resolve().parent.parent
     / "docs/flux/kubernetes/main/apps/kube-system/spegel/app/helmrelease.yaml"
@@ -27,31 +25,14 @@ RKE2_CONTENT = "/var/lib/rancher/rke2/agent/containerd/io.containerd.content.v1.
 
 @pytest.fixture(scope="module")
 def chart_dir() -> Path:
-    proc = subprocess.run(
-        ["go", "mod", "download", "-json", SPEGEL_MODULE],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    chart = Path(json.loads(proc.stdout)["Dir"]) / "charts/spegel"
+    chart = spegel_module() / "charts/spegel"
     assert (chart / "Chart.yaml").is_file()
     return chart
 
 
 def render(chart: Path, values: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     """`helm template` with these values; the DaemonSet's pod spec."""
-    values_file = tmp_path / "values.json"
-    values_file.write_text(json.dumps(values))
-    proc = subprocess.run(
-        [str(peer_bin("helm")), "template", "spegel", str(chart), "-f", str(values_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    daemonsets = [d for d in docs if d["kind"] == "DaemonSet"]
+    daemonsets = [d for d in helm_template(chart, values, tmp_path) if d["kind"] == "DaemonSet"]
     assert len(daemonsets) == 1
     spec: dict[str, Any] = daemonsets[0]["spec"]["template"]["spec"]
     return spec

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import yaml
 from support.cli import run_cli
 from support.fake_nodes import make_containerd, write
-from support.peers import peer_bin
+from support.peers import helm_template, spegel_module
 from support.sandbox import free_port
 from support.v2stub import v2_server
 
@@ -87,27 +86,11 @@ def test_dead_30020_says_what_a_hostport_and_a_nodeport_each_need(
 def test_kubectl_hints_match_the_charts_daemonset(tmp_path: Path) -> None:
     """POD_HINT's label selector and PORTS_HINT's DaemonSet name and container index are what
     Spegel's chart (0.7.3, rendered with the shipped HelmRelease values) creates."""
-    proc = subprocess.run(
-        ["go", "mod", "download", "-json", "github.com/spegel-org/spegel@v0.7.3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    chart = Path(json.loads(proc.stdout)["Dir"]) / "charts/spegel"
     helmrelease = APP.parent / "helmrelease.yaml"
     values = yaml.safe_load(helmrelease.read_text())["spec"]["values"]
     values["serviceMonitor"]["enabled"] = False  # no CRD for helm template
-    values_file = tmp_path / "values.json"
-    values_file.write_text(json.dumps(values))
-    proc = subprocess.run(
-        [str(peer_bin("helm")), "template", "spegel", str(chart), "-f", str(values_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (ds,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "DaemonSet"]
+    docs = helm_template(spegel_module() / "charts/spegel", values, tmp_path)
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
     selector = re.search(r"-l (\S+)=(\S+)", spegel_checks.POD_HINT)
     assert selector
     assert ds["spec"]["template"]["metadata"]["labels"][selector[1]] == selector[2]

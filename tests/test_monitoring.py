@@ -21,6 +21,7 @@ import pytest
 import yaml
 from support.cli import run_cli
 from support.fake_nodes import make_containerd, write
+from support.peers import helm_template, spegel_module
 from support.sandbox import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,6 @@ DASHBOARD = MONITORING / "grafana-dashboard.json"
 RULES_FILE = REPO / "docs/monitoring/spegel-node.rules.yml"
 RULE_TESTS = REPO / "docs/monitoring/spegel-node.rules.test.yml"
 HELMRELEASE = REPO / "docs/flux/kubernetes/main/apps/kube-system/spegel/app/helmrelease.yaml"
-SPEGEL_MODULE = "github.com/spegel-org/spegel@v0.7.3"
 # node_exporter's own textfile collector series (collector/textfile.go), the only non-Spegel,
 # non-spegel-node metrics the rules and the dashboard may read.
 NODE_EXPORTER = {"node_textfile_mtime_seconds", "node_textfile_scrape_error"}
@@ -132,14 +132,7 @@ def test_spegel_metric_names_are_spegels(chart_module: Path) -> None:
 
 @pytest.fixture(scope="module")
 def chart_module() -> Path:
-    proc = subprocess.run(
-        ["go", "mod", "download", "-json", SPEGEL_MODULE],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return Path(json.loads(proc.stdout)["Dir"])
+    return spegel_module()
 
 
 # --- the rules ------------------------------------------------------------------------------
@@ -502,26 +495,13 @@ def test_helmrelease_enables_the_charts_servicemonitor_and_dashboard(chart_modul
 def test_chart_renders_its_dashboard_configmap_with_the_label(
     chart_module: Path, tmp_path: Path
 ) -> None:
-    from support.peers import peer_bin
-
     values = yaml.safe_load(HELMRELEASE.read_text())["spec"]["values"]
     values["serviceMonitor"]["enabled"] = False  # the CRD is not there for helm template
-    values_file = tmp_path / "values.json"
-    values_file.write_text(json.dumps(values))
-    proc = subprocess.run(
-        [
-            *(str(peer_bin("helm")), "template", "spegel", str(chart_module / "charts/spegel")),
-            *("-f", str(values_file), "--namespace", "kube-system"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    docs = helm_template(
+        chart_module / "charts/spegel", values, tmp_path, "--namespace", "kube-system"
     )
-    assert proc.returncode == 0, proc.stderr
     (configmap,) = [
-        d
-        for d in yaml.safe_load_all(proc.stdout)
-        if d and d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")
     ]
     assert configmap["metadata"]["namespace"] == "kube-system"
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
