@@ -39,7 +39,7 @@ from support.p2p import (  # noqa: E402
     P2PCluster,
     upstream_blob_fetches,
 )
-from support.sandbox import HangingServer, Sandbox, missing_binaries  # noqa: E402
+from support.sandbox import HangingServer, Sandbox, missing_binaries, sandbox_on_fake_node  # noqa: E402
 
 CRICTL = CACHE / "crictl-1.34.0/bin/crictl"
 NEEDED = (
@@ -232,11 +232,7 @@ def hung_figure(version: str, how: str, seconds: float, finished: bool, who: str
 @contextmanager
 def node_1_6(tmp: Path) -> Iterator[tuple[Sandbox, Path]]:
     root = tmp / "node-1.6"
-    fake_nodes.make_containerd(root, config_path="/etc/containerd/certs.d")
-    sandbox = Sandbox()
-    sandbox.containerd.config_path_value = str(root / "etc/containerd/certs.d")
-    with sandbox:
-        sandbox.spegel.stop()
+    with sandbox_on_fake_node(root) as sandbox:
         yield sandbox, root
 
 

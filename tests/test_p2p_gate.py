@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from support import fake_nodes
-from support.p2p import HungListener, Node, P2PCluster, upstream_blob_fetches
+from support.p2p import HungListener, Node, P2PCluster, applied_cluster, upstream_blob_fetches
 from support.peers import peer_bin
-from support.sandbox import HangingServer, Sandbox, wait_until
+from support.sandbox import HangingServer, Sandbox, sandbox_on_fake_node, wait_until
 
 pytestmark = pytest.mark.p2p
 
@@ -25,10 +25,7 @@ HUNG_WAIT_S = 5.0  # an upstream pull of these images takes ~0.1 s here
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[P2PCluster]:
-    with P2PCluster() as c:
-        for node in c.nodes:
-            result = node.apply()
-            assert result.returncode == 0, result.stderr
+    with applied_cluster() as c:
         yield c
 
 
@@ -138,11 +135,7 @@ def node_1_6(tmp_path: Path) -> Iterator[tuple[Sandbox, Path]]:
     """Debian's containerd 1.6.20 (CRI on) reading the hosts dir of a fake node tree that
     `spegel-node apply --root` manages."""
     root = tmp_path / "node"
-    fake_nodes.make_containerd(root, config_path="/etc/containerd/certs.d")
-    sandbox = Sandbox()
-    sandbox.containerd.config_path_value = str(root / "etc/containerd/certs.d")
-    with sandbox:
-        sandbox.spegel.stop()
+    with sandbox_on_fake_node(root) as sandbox:
         yield sandbox, root
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from support import fake_nodes
-from support.p2p import P2PCluster, extra_spegel, http_get, upstream_blob_fetches
+from support.p2p import P2PCluster, applied_cluster, extra_spegel, http_get, upstream_blob_fetches
 from support.peers import peer_bin
 
 MIRROR = "http://10.0.0.5:29999"
@@ -163,10 +163,7 @@ def test_spegel_node_apply_keeps_what_is_there_and_prepends_the_mirror(tmp_path:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[P2PCluster]:
-    with P2PCluster() as c:
-        for node in c.nodes:
-            result = node.apply()
-            assert result.returncode == 0, result.stderr
+    with applied_cluster() as c:
         yield c
 
 

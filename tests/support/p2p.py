@@ -578,3 +578,13 @@ __all__ = [
     "probe",
     "upstream_blob_fetches",
 ]
+
+
+@contextlib.contextmanager
+def applied_cluster() -> Iterator[P2PCluster]:
+    """A P2PCluster where `spegel-node apply` has run once on every node."""
+    with P2PCluster() as cluster:
+        for node in cluster.nodes:
+            result = node.apply()
+            assert result.returncode == 0, result.stderr
+        yield cluster

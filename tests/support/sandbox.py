@@ -49,7 +49,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -832,3 +832,18 @@ __all__ = [
     "probe_v2",
     "wait_until",
 ]
+
+
+@contextlib.contextmanager
+def sandbox_on_fake_node(root: Path) -> Iterator[Sandbox]:
+    """Debian's containerd (CRI on) reading the hosts dir of a fake node tree made at `root`,
+    which `spegel-node apply --root` manages; the Spegel stand-in stopped (a test puts what it
+    needs on the mirror port)."""
+    from support import fake_nodes
+
+    fake_nodes.make_containerd(root, config_path="/etc/containerd/certs.d")
+    sandbox = Sandbox()
+    sandbox.containerd.config_path_value = str(root / "etc/containerd/certs.d")
+    with sandbox:
+        sandbox.spegel.stop()
+        yield sandbox
