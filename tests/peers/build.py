@@ -109,17 +109,26 @@ def _go_install(peer: Peer, log: Path) -> None:
         subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, check=True, cwd="/")
 
 
+def module_download(
+    module: str, version: str, env: dict[str, str] | None = None, cwd: str | Path = "/"
+) -> dict[str, str]:
+    """`go mod download -json module@vVERSION`: where the proxy's copy is (`Dir`, `GoMod`)."""
+    info = subprocess.run(
+        ["go", "mod", "download", "-json", f"{module}@v{version}"],
+        env=env,
+        capture_output=True,
+        check=True,
+        cwd=cwd,
+        timeout=600,
+    )
+    found: dict[str, str] = json.loads(info.stdout)
+    return found
+
+
 def _go_build_in_module(peer: Peer, log: Path) -> None:
     env = {**os.environ, **peer.env, "GOFLAGS": "-buildvcs=false -mod=mod", "GOWORK": "off"}
     with log.open("wb") as out:
-        info = subprocess.run(
-            ["go", "mod", "download", "-json", f"{peer.in_module}@v{peer.version}"],
-            env=env,
-            capture_output=True,
-            check=True,
-            cwd="/",
-        )
-        src = Path(json.loads(info.stdout)["Dir"])
+        src = Path(module_download(peer.in_module, peer.version, env)["Dir"])
         with tempfile.TemporaryDirectory(prefix=f"{peer.name}-{peer.version}-") as tmp:
             work = Path(tmp) / "src"
             shutil.copytree(src, work)
@@ -172,14 +181,9 @@ def _go_build_judge(peer: Peer, log: Path) -> None:
         for f in src.glob("*.go"):
             shutil.copy2(f, work / f.name)
         with log.open("wb") as out:
-            info = subprocess.run(
-                ["go", "mod", "download", "-json", f"{peer.module}@v{peer.version}"],
-                env=env,
-                capture_output=True,
-                check=True,
-                cwd=work,
-            )
-            go_mod = Path(json.loads(info.stdout)["GoMod"]).read_text()
+            go_mod = Path(
+                module_download(peer.module, peer.version, env, work)["GoMod"]
+            ).read_text()
             steps = [
                 ["go", "mod", "init", "spegelnode.test/judge"],
                 [

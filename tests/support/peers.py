@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from peers.build import CACHE, CONTAINERD_VERSIONS, PEERS
+from peers.build import CACHE, CONTAINERD_VERSIONS, PEERS, module_download
 
 __all__ = ["CONTAINERD_VERSIONS", "helm_template", "peer_bin", "spegel_module"]
 
@@ -37,14 +37,7 @@ def spegel_module() -> Path:
     """The source of the pinned Spegel peer's Go module (its chart is `charts/spegel`, its
     metrics `pkg/metrics`), from the module proxy's cache."""
     (peer,) = [p for p in PEERS if p.name == "spegel"]
-    proc = subprocess.run(
-        ["go", "mod", "download", "-json", f"{peer.in_module}@v{peer.version}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return Path(json.loads(proc.stdout)["Dir"])
+    return Path(module_download(peer.in_module, peer.version)["Dir"])
 
 
 def helm_template(
