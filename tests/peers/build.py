@@ -34,7 +34,7 @@ class Peer:
     packages: tuple[str, ...]  # `go install` targets, without @version
     tags: str = ""
     env: dict[str, str] = field(default_factory=dict)
-    judge_src: str = ""  # set for our own judges: a tests/judge/ dir built against `module`
+    judge_src: str = ""  # set for our own judges: "v1" or "v2", tests/judge/ built against `module`
     module: str = ""
     # Build inside the module's own source (from `go mod download`), honouring its go.mod:
     # `go install pkg@version` refuses modules whose go.mod has exclude/replace directives.
@@ -76,7 +76,7 @@ JUDGE_VERSIONS = ("1.6.20", *CONTAINERD_VERSIONS.values())
 
 
 def _judge(version: str) -> Peer:
-    """tests/judge/v1 or v2, built against that version's remotes/docker/config."""
+    """tests/judge, built against that version's remotes/docker/config."""
     line = "v1" if version.startswith("1.") else "v2"
     module = CONTAINERD_1 if line == "v1" else CONTAINERD_2
     return Peer("judge", version, (), env={"CGO_ENABLED": "0"}, judge_src=line, module=module)
@@ -172,14 +172,26 @@ def _replaces(go_mod: str) -> list[str]:
     return out
 
 
+def _judge_source(peer: Peer) -> dict[str, bytes]:
+    """tests/judge's Go files for this judge's containerd line: written with 1.x's import paths,
+    which 2.x moved under containerd/v2/core/."""
+    files = {f.name: f.read_bytes() for f in sorted((REPO / "tests" / "judge").glob("*.go"))}
+    if peer.judge_src == "v2":
+        old, new = (
+            b'"github.com/containerd/containerd/remotes/',
+            b'"github.com/containerd/containerd/v2/core/remotes/',
+        )
+        files = {name: text.replace(old, new) for name, text in files.items()}
+    return files
+
+
 def _go_build_judge(peer: Peer, log: Path) -> None:
     """Our own judge program, built against one containerd version in a scratch module."""
-    src = REPO / "tests" / "judge" / peer.judge_src
     env = {**os.environ, **peer.env, "GOFLAGS": "-buildvcs=false", "GOWORK": "off"}
     with tempfile.TemporaryDirectory(prefix=f"judge-{peer.version}-") as tmp:
         work = Path(tmp)
-        for f in src.glob("*.go"):
-            shutil.copy2(f, work / f.name)
+        for name, text in _judge_source(peer).items():
+            (work / name).write_bytes(text)
         with log.open("wb") as out:
             go_mod = Path(
                 module_download(peer.module, peer.version, env, work)["GoMod"]
@@ -207,8 +219,8 @@ def _source_digest(peer: Peer) -> str:
     if not peer.judge_src:
         return ""
     digest = hashlib.sha256()
-    for f in sorted((REPO / "tests" / "judge" / peer.judge_src).glob("*.go")):
-        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    for name, text in _judge_source(peer).items():
+        digest.update(name.encode() + b"\0" + text)
     return digest.hexdigest()[:16]
 
 

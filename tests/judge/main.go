@@ -1,5 +1,6 @@
-// Command judge reports how one containerd 2.x version reads a hosts dir for one registry,
-// using that version's own remotes/docker/config package (built by tests/peers/build.py).
+// Command judge reports how one containerd version reads a hosts dir for one registry, using
+// that version's own remotes/docker/config package (built by tests/peers/build.py). Written
+// with 1.x's import paths; for 2.x the build rewrites them to containerd/v2/core/remotes.
 //
 //	judge HOSTS_ROOT REGISTRY_HOST
 //	judge HOSTS_ROOT -   (registry hosts on stdin, one a line; one JSON line out for each)
@@ -17,8 +18,8 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/containerd/containerd/v2/core/remotes/docker"
-	"github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/containerd/remotes/docker"
+	"github.com/containerd/containerd/remotes/docker/config"
 	"github.com/sirupsen/logrus"
 )
 
