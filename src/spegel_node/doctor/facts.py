@@ -404,10 +404,10 @@ class Facts:
     def read_file(self, node_path: str) -> bytes | None:
         """A regular file's bytes (at most MAX_FILE + 1), None when it does not exist; OSError
         for anything else (fsutil.read_file: a FIFO cannot hang doctor)."""
-        return self.read_path(self.path(node_path), node_path)
+        return self.read_path(self.path(node_path))
 
-    def read_path(self, path: Path, shown: str) -> bytes | None:
-        """`read_file` of a host path already resolved (`shown`: its node path)."""
+    def read_path(self, path: Path) -> bytes | None:
+        """`read_file` of a host path already resolved."""
         try:
             return fsutil.read_file(path, MAX_FILE)
         except FileNotFoundError:

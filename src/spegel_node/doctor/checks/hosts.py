@@ -91,7 +91,7 @@ class HostsRegistry(Check):
                 f"move {found.dir} aside, then {fix}",
             )
         try:
-            data = facts.read_path(host_dir / "hosts.toml", found.hosts_toml)
+            data = facts.read_path(host_dir / "hosts.toml")
         except OSError as e:
             return self.fail(f"cannot read {found.hosts_toml}: {e.strerror or e}", fix)
         if data is None:

@@ -67,7 +67,7 @@ class HostsStale(Check):
             path = posixpath.join(hosts_dir, name, HOSTS_TOML)
             needles = old_hosts if name in wanted else all_hosts
             try:
-                data = facts.read_path(base / name / HOSTS_TOML, path)
+                data = facts.read_path(base / name / HOSTS_TOML)
                 if not data or not any(n in data for n in needles):
                     continue  # no Spegel URL that could be stale: not worth parsing
                 urls = host_urls(data.decode("utf-8", "replace"))
