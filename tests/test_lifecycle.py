@@ -767,6 +767,21 @@ def killed_run(argv: list[str], at: int) -> bool:
     return code == -signal.SIGKILL
 
 
+@pytest.mark.parametrize("at", range(1, KILL_POINTS + 1))
+def test_a_kill_while_the_mirror_url_changes_leaves_no_old_url_table(
+    capsys: pytest.CaptureFixture[str], scratch: Path, spegel_servers: dict[str, str], at: int
+) -> None:
+    """Found by the sequences below: apply, k3s rewrites docker.io with Spegel's endpoint, the
+    config drops docker.io and moves to another port, apply is killed at its `at`-th file
+    system call. The record saved before the writes named only the new URL, so remove left the
+    old-port table k3s had written in docker.io/hosts.toml."""
+    world = World(scratch / "node", dict.fromkeys(REGS))
+    for op in [("apply",), ("k3s", "docker.io"), ("config", 30020, {"ghcr.io"})]:
+        world.step(capsys, op)
+    world.step(capsys, ("kill", "apply", at))
+    world.step(capsys, ("remove",))  # checks the invariant
+
+
 @settings(
     max_examples=int(os.environ.get("LIFECYCLE_EXAMPLES", "2000")),
     deadline=None,

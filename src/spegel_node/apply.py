@@ -151,26 +151,32 @@ def apply_mirrors(
         plan = replace(plan, record=new_record)
         skipped: list[str] = []
         if not dry_run:
-            # files given back (registries no longer mirrored) stay on record until that is
-            # done: a run killed meanwhile leaves them to the next apply or remove to finish
+            # Until every change is done, the record keeps what a run killed meanwhile leaves
+            # for the next apply or remove to finish: the files given back (registries no longer
+            # mirrored), and the old mirror URLs too (files not yet rewritten hold their tables).
             dropped = {k: r for k, r in record.files.items() if k not in new_record.files}
             undoing = {c.key for c in plan.changes} & set(dropped)
-            before = new_record.with_files(
-                {**new_record.files, **{k: dropped[k] for k in sorted(undoing)}}
+            old_too = tuple(dict.fromkeys((*record.mirror_urls, *new_record.mirror_urls)))
+            before = replace(
+                new_record.with_files(
+                    {**new_record.files, **{k: dropped[k] for k in sorted(undoing)}}
+                ),
+                mirror_urls=old_too,
             )
             if _worth_saving(record, before):
                 _save(node, before)
             result = execute(node, plan)
             _remove_temp_files(node, hosts_dir, {k.split("/", 1)[0] for k in dropped})
             skipped = [line for _, line in result.skipped]
-            if result.not_done or undoing:  # files not done are as they were: so is their entry
+            if result.not_done or undoing or old_too != new_record.mirror_urls:
                 files = dict(new_record.files)
-                for key in result.not_done:
+                for key in result.not_done:  # files not done are as they were: so is their entry
                     if key in record.files:
                         files[key] = record.files[key]
                     else:
                         files.pop(key, None)
-                _save(node, new_record.with_files(files))
+                urls_now = old_too if result.not_done else new_record.mirror_urls
+                _save(node, replace(new_record.with_files(files), mirror_urls=urls_now))
             plan = replace(plan, problems=(*plan.problems, *(line for _, line in result.failed)))
     local_pull = preflight.local_pull_warning(facts, hosts_dir) if facts is not None else ""
     warnings = (
