@@ -332,16 +332,17 @@ def _glob(node: Node, pattern: str) -> list[str]:
 
 
 def managed_dropin(node: Node, path: str) -> ConfigDropin | None:
-    """The drop-ins a distro merges into `path`, when `path` is the config it generates (k0s)."""
+    """The drop-ins a distro merges into `path`, when `path` is the config it generates (k0s).
+    Only a flavor's own config path is read again, for its marker line."""
+    dropins = [r.dropin for r in FLAVORS.values() if r.dropin and r.config == path]
+    if not dropins:
+        return None
     try:
-        lines = node.path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        data = fsutil.read_file(node.path(path), tomlload.MAX_BYTES)
     except OSError:
         return None
-    stripped = {line.rstrip() for line in lines}
-    for record in FLAVORS.values():
-        if record.dropin and record.config == path and record.dropin.managed_marker in stripped:
-            return record.dropin
-    return None
+    stripped = {line.rstrip() for line in data.decode("utf-8", "replace").splitlines()}
+    return next((d for d in dropins if d.managed_marker in stripped), None)
 
 
 # --- writing snippets --------------------------------------------------------------------------
